@@ -1,0 +1,182 @@
+"""`S2Plan`: what S²FT trains, where it sits after permutation, and the proof it is safe.
+
+Indices are kept in two spaces. ``selected`` and ``BlockSlice.original`` are in the ORIGINAL
+(unpermuted) model's index space, so adapters stay portable to a stock base. ``permutations`` and
+``BlockSlice.runs`` describe the permuted model: new position ``p`` holds old index ``perm[p]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+PLAN_FORMAT_VERSION = 1
+
+# Config keys that describe how a model was stored, not what it computes.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "_commit_hash",
+}
+
+
+class PlanError(ValueError):
+    """A plan that cannot be read, or does not belong to the model it is applied to."""
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the model's config (minus storage-only keys) and parameter names and shapes."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        cfg = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters(remove_duplicate=False):
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class BlockSlice:
+    """The trainable block of one linear module, in its feature space after permutation.
+
+    ``feature="out"`` trains rows (output features), ``"in"`` trains columns (input features).
+    ``runs`` are half-open ``[start, end)`` ranges, several when GQA forces it; ``original`` lists,
+    for each trained position in run order, the feature index in the unpermuted module.
+    """
+
+    module: str
+    role: str
+    feature: Literal["in", "out"]
+    runs: list[tuple[int, int]]
+    original: list[int]
+
+    @property
+    def numel_features(self) -> int:
+        return sum(e - s for s, e in self.runs)
+
+    def positions(self) -> list[int]:
+        return [i for s, e in self.runs for i in range(s, e)]
+
+
+@dataclass
+class S2Plan:
+    """Selection + permutation + slices for one model; JSON round-trips exactly."""
+
+    fingerprint: str
+    model_type: str
+    permutations: dict[str, list[int]]
+    selected: dict[str, dict[str, list[int]]]
+    slices: list[BlockSlice]
+    settings: dict[str, Any] = field(default_factory=dict)
+    certificate: dict[str, Any] | None = None
+    format_version: int = PLAN_FORMAT_VERSION
+
+    def slices_for(self, module: str) -> list[BlockSlice]:
+        return [s for s in self.slices if s.module == module]
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({s.module for s in self.slices})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["slices"] = [{**asdict(s), "runs": [list(r) for r in s.runs]} for s in self.slices]
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> S2Plan:
+        try:
+            version = int(d.get("format_version", 0))
+            if version != PLAN_FORMAT_VERSION:
+                raise PlanError(
+                    f"plan format_version {version} is not supported (expected {PLAN_FORMAT_VERSION}); "
+                    "re-create the plan with this version of s2ft-lightning"
+                )
+            slices = [
+                BlockSlice(
+                    module=s["module"],
+                    role=s["role"],
+                    feature=s["feature"],
+                    runs=[(int(a), int(b)) for a, b in s["runs"]],
+                    original=[int(i) for i in s["original"]],
+                )
+                for s in d["slices"]
+            ]
+            plan = S2Plan(
+                fingerprint=str(d["fingerprint"]),
+                model_type=str(d["model_type"]),
+                permutations={k: [int(i) for i in v] for k, v in d["permutations"].items()},
+                selected={k: {r: [int(i) for i in v] for r, v in rs.items()} for k, rs in d["selected"].items()},
+                slices=slices,
+                settings=dict(d.get("settings", {})),
+                certificate=d.get("certificate"),
+                format_version=version,
+            )
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"malformed S2 plan: {type(e).__name__}: {e}") from e
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        """Internal consistency: permutations are permutations, runs match ``original``."""
+        for name, perm in self.permutations.items():
+            if sorted(perm) != list(range(len(perm))):
+                raise PlanError(f"plan permutation for {name!r} is not a permutation of 0..{len(perm) - 1}")
+        for s in self.slices:
+            if s.feature not in ("in", "out"):
+                raise PlanError(f"slice of {s.module!r} has feature {s.feature!r}; expected 'in' or 'out'")
+            for a, b in s.runs:
+                if not 0 <= a < b:
+                    raise PlanError(f"slice of {s.module!r} has an empty or negative run [{a}, {b})")
+            if s.numel_features != len(s.original):
+                raise PlanError(
+                    f"slice of {s.module!r}: runs cover {s.numel_features} features but "
+                    f"{len(s.original)} original indices are listed"
+                )
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)  # never leave a half-written plan behind
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> S2Plan:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file {str(path)!r} does not exist")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"plan file {str(path)!r} is not valid JSON (corrupted or truncated?): {e}") from e
+        if not isinstance(d, dict):
+            raise PlanError(f"plan file {str(path)!r} does not hold a JSON object")
+        return S2Plan.from_dict(d)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a model this plan was not made for."""
+        fp = model_fingerprint(model)
+        if fp != self.fingerprint:
+            raise PlanError(
+                f"this plan was made for a different model (fingerprint {self.fingerprint}, "
+                f"model has {fp}; model_type {self.model_type!r}). Build a new plan for this model."
+            )
