@@ -76,9 +76,7 @@ class Coupling:
 
     @staticmethod
     def from_dict(d: dict) -> Coupling:
-        members = tuple(
-            Member(**{**m, "fixed": tuple(tuple(p) for p in m.get("fixed", ()))}) for m in d["members"]
-        )
+        members = tuple(Member(**{**m, "fixed": tuple(tuple(p) for p in m.get("fixed", ()))}) for m in d["members"])
         return Coupling(**{**d, "members": members})
 
 

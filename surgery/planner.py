@@ -1,0 +1,237 @@
+"""Build an `S2Plan` (selection → legal permutations → block slices) and apply it verified, all-or-nothing.
+
+The plan stores the couplings it permutes (``settings["couplings"]``) so a saved plan can be applied
+to a fresh copy of the same model without re-analysing it. A model remembers the plan applied to it
+(attribute ``_s2ft_applied_plan``) so surgery is never done twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from surgery.permute import (
+    IllegalPermutation,
+    apply_permutations,
+    check_permutation,
+    front_permutation,
+    group_permutation,
+    inverse,
+    runs_of,
+    touched_tensors,
+)
+from surgery.plan import BlockSlice, PlanError, S2Plan, model_fingerprint
+from surgery.select import RATIO_KEYS, role_members, select
+from surgery.structures import Coupling, Member, ModelStructures
+from surgery.verify import verify_function
+
+APPLIED_ATTR = "_s2ft_applied_plan"
+
+
+def plan_id(plan: S2Plan) -> str:
+    """Content hash of a plan (certificate excluded), used to recognise an already-applied plan."""
+    d = plan.to_dict()
+    d.pop("certificate", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def applied_plan_id(model: torch.nn.Module) -> str | None:
+    """Id of the plan already applied to ``model`` (None for an untouched model)."""
+    return getattr(model, APPLIED_ATTR, None)
+
+
+def _structures(model: torch.nn.Module, structures: ModelStructures | None) -> ModelStructures:
+    if structures is not None:
+        return structures
+    from surgery.analyze import analyze  # late import: analysis is the expensive, optional step
+
+    return analyze(model)
+
+
+def _member_slice(m: Member, perm: list[int], gperm: list[int], units: list[int]) -> tuple[list, list]:
+    """Feature positions (after permutation) and their original feature indices for selected ``units``."""
+    p = gperm if m.level == "group" else perm
+    inv = inverse(p)
+    pos_to_orig: dict[int, int] = {}
+    for old in units:
+        new = inv[old]
+        for a, b in zip(m.element_indices(new), m.element_indices(old)):
+            pos_to_orig[a] = b
+    runs = runs_of(pos_to_orig)
+    original = [pos_to_orig[i] for s, e in runs for i in range(s, e)]
+    return runs, original
+
+
+def _slices(coupling: Coupling, perm: list[int], chosen: dict[str, list[int]]) -> list[BlockSlice]:
+    gperm = group_permutation(coupling, perm)
+    out: list[BlockSlice] = []
+    seen: set[tuple] = set()
+    for role, units in chosen.items():
+        for m in role_members(coupling, role):
+            key = (m.module, m.feature, m.offset, m.step, m.unit, m.level)
+            if key in seen:  # weight and bias of one module describe the same features
+                continue
+            seen.add(key)
+            runs, original = _member_slice(m, perm, gperm, units)
+            out.append(BlockSlice(module=m.module, role=role, feature=m.feature, runs=runs, original=original))
+    return out
+
+
+def make_plan(
+    model: torch.nn.Module,
+    structures: ModelStructures | None = None,
+    *,
+    o_ratio: float = 0.0,
+    v_ratio: float = 0.0,
+    u_ratio: float = 0.0,
+    d_ratio: float = 0.0,
+    strategy: str = "random",
+    variant: str = "large",
+    allocation: str = "even",
+    seed: int = 0,
+    calibration: Iterable[Any] | None = None,
+) -> S2Plan:
+    """Select units, derive legal front-loading permutations and the block slices they produce.
+
+    Slices live in each module's feature space after permutation: o/down train "in" columns, v/up
+    train "out" rows; fused members include their offset; ``original`` maps back to the stock model.
+    """
+    if applied_plan_id(model) is not None:
+        raise PlanError(
+            f"model already carries applied plan {applied_plan_id(model)}; make plans on an unpermuted model"
+        )
+    structures = _structures(model, structures)
+    selection = select(
+        model,
+        structures,
+        o_ratio=o_ratio,
+        v_ratio=v_ratio,
+        u_ratio=u_ratio,
+        d_ratio=d_ratio,
+        strategy=strategy,
+        variant=variant,
+        allocation=allocation,
+        seed=seed,
+        calibration=calibration,
+    )
+    permutations: dict[str, list[int]] = {}
+    slices: list[BlockSlice] = []
+    couplings = []
+    for c in structures.couplings:
+        chosen = selection.get(c.name)
+        if not chosen:
+            continue
+        # Fixed role order so "A-only, both, B-only" is stable: o before v, down before up.
+        ordered = {r: chosen[r] for r in ("o", "v", "down", "up") if r in chosen}
+        perm = front_permutation(c, ordered)
+        permutations[c.name] = perm
+        slices += _slices(c, perm, ordered)
+        couplings.append(c.to_dict())
+    settings = {
+        **{RATIO_KEYS[r]: float(x) for r, x in zip(("o", "v", "up", "down"), (o_ratio, v_ratio, u_ratio, d_ratio))},
+        "strategy": strategy,
+        "variant": variant,
+        "allocation": allocation,
+        "seed": int(seed),
+        "tied": [list(t) for t in structures.tied],
+        "couplings": couplings,
+    }
+    settings = json.loads(json.dumps(settings))  # JSON-normal form (tuples -> lists) so save/load is exact
+    plan = S2Plan(
+        fingerprint=model_fingerprint(model),
+        model_type=structures.model_type,
+        permutations=permutations,
+        selected=selection,
+        slices=slices,
+        settings=settings,
+    )
+    plan.validate()
+    return plan
+
+
+def _plan_couplings(model, plan: S2Plan, structures: ModelStructures | None) -> list[tuple[Coupling, list[int]]]:
+    stored = plan.settings.get("couplings")
+    if stored is not None:
+        try:
+            kept = ModelStructures(
+                plan.model_type, 0, [Coupling.from_dict(d) for d in stored], plan.settings.get("tied", [])
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"plan's stored couplings are malformed: {type(e).__name__}: {e}") from e
+        if structures is None:
+            structures = kept
+        else:
+            known = {c.name for c in structures.couplings}
+            for c in kept.couplings:
+                if c.name in known and structures[c.name] != c:
+                    raise PlanError(
+                        f"coupling {c.name!r} stored in the plan differs from the structures given: the plan "
+                        "was made from another analysis of this model. Re-create the plan."
+                    )
+    elif structures is None:
+        structures = _structures(model, None)
+    items = []
+    for name, perm in plan.permutations.items():
+        try:
+            c = structures[name]
+        except KeyError as e:
+            raise PlanError(f"plan permutes coupling {name!r}, which this model's structures do not have") from e
+        if len(perm) != c.size:
+            raise PlanError(f"plan permutation for {name!r} has {len(perm)} entries; the coupling has {c.size}")
+        items.append((c, perm))
+    return items
+
+
+def apply_plan(
+    model: torch.nn.Module,
+    plan: S2Plan,
+    structures: ModelStructures | None = None,
+    *,
+    verify: bool = True,
+    n_inputs: int = 2,
+    seq_len: int = 16,
+) -> S2Plan:
+    """Permute ``model`` by ``plan`` (all couplings or none), verify the function, return plan + certificate.
+
+    Refuses a plan made for another model (fingerprint) and a model that already had a plan applied.
+    On an illegal permutation or a failed verification the model is restored bit-exactly.
+    """
+    plan.validate()
+    done = applied_plan_id(model)
+    if done is not None:
+        raise PlanError(
+            f"this model was already permuted by plan {done}; applying plan {plan_id(plan)} again would "
+            "permute twice. Load a fresh copy of the base model instead."
+        )
+    plan.check_model(model)
+    items = _plan_couplings(model, plan, structures)
+    for c, perm in items:  # every legality check before anything is touched
+        check_permutation(c, perm)
+    tied = [tuple(t) for t in plan.settings.get("tied", [])]
+
+    def mutate() -> None:  # under verify, verify_function's snapshot of the same tensors is the rollback
+        apply_permutations(model, items, tied=tied, transactional=not verify)
+
+    certificate = None
+    if verify:
+        cert = verify_function(
+            model,
+            mutate,
+            n_inputs=n_inputs,
+            seq_len=seq_len,
+            restore=touched_tensors(model, [c for c, _ in items]),
+        )
+        certificate = cert.to_dict()
+    else:
+        mutate()
+    result = dataclasses.replace(plan, certificate=certificate)
+    setattr(model, APPLIED_ATTR, plan_id(plan))
+    return result
+
+
+__all__ = ["APPLIED_ATTR", "IllegalPermutation", "applied_plan_id", "apply_plan", "make_plan", "plan_id"]

@@ -1,0 +1,243 @@
+"""Plans: slices match the permuted weights, apply verifies, JSON round-trips, wrong or bad plans refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from surgery.analyze import analyze
+from surgery.permute import IllegalPermutation
+from surgery.plan import PlanError, S2Plan
+from surgery.planner import applied_plan_id, apply_plan, make_plan, plan_id
+from surgery.tiny import SUPPORTED_TINY, tiny_model
+
+RATIOS = dict(o_ratio=0.5, v_ratio=0.5, u_ratio=0.1, d_ratio=0.1)
+
+
+def tiny_llama(**kw) -> torch.nn.Module:
+    base = dict(num_key_value_heads=2, head_dim=8, attention_bias=True, mlp_bias=True)
+    return tiny_model("llama", **{**base, **kw})
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def assert_same(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    now = state(model)
+    changed = [n for n in now if not torch.equal(now[n], before[n])]
+    assert not changed, f"parameters changed: {changed}"
+
+
+def assert_slices_match(plan: S2Plan, permuted: torch.nn.Module, original: dict[str, torch.Tensor]) -> None:
+    """Every trained block of the permuted model holds the original features ``slice.original``."""
+    for sl in plan.slices:
+        w = permuted.get_submodule(sl.module).weight.detach()
+        w0 = original[f"{sl.module}.weight"]
+        conv1d = type(permuted.get_submodule(sl.module)).__name__ == "Conv1D"  # stored (in, out)
+        axis = (1 if sl.feature == "in" else 0) ^ int(conv1d)
+        assert torch.equal(
+            w.index_select(axis, torch.tensor(sl.positions())),
+            w0.index_select(axis, torch.tensor(sl.original)),
+        )
+
+
+def test_plan_slices_by_role_and_feature():
+    model = tiny_llama()
+    plan = make_plan(model, analyze(model), **RATIOS, seed=1)
+    roles = {(sl.role, sl.feature, sl.module.rsplit(".", 1)[-1]) for sl in plan.slices}
+    assert roles == {
+        ("o", "in", "o_proj"),
+        ("v", "out", "v_proj"),
+        ("up", "out", "up_proj"),
+        ("down", "in", "down_proj"),
+    }
+    for sl in plan.slices:
+        unit = 8 if sl.role in ("o", "v") else 1
+        chosen = plan.selected[sl.module.rsplit(".", 1)[0]][sl.role]
+        assert sl.numel_features == unit * len(chosen)
+        assert sorted({i // unit for i in sl.original}) == chosen  # original space = selected units
+    assert plan.settings["o_ratio"] == 0.5 and plan.settings["strategy"] == "random"
+
+
+def test_apply_verifies_and_slices_hold_the_selected_weights():
+    model = tiny_llama()
+    original = state(model)
+    plan = make_plan(model, analyze(model), **RATIOS, seed=2)
+    applied = apply_plan(model, plan)
+    cert = applied.certificate
+    assert cert["passed"] and cert["rel_diff"] <= 1e-4 and cert["dtype"] == "float32"
+    assert plan.certificate is None  # the input plan is not modified
+    assert applied_plan_id(model) == plan_id(plan)
+    assert_slices_match(plan, model, original)
+
+
+@pytest.mark.parametrize(("model_type", "overrides"), SUPPORTED_TINY, ids=lambda x: str(x))
+def test_every_architecture_plan_applies(model_type, overrides):
+    model = tiny_model(model_type, **overrides)
+    s = analyze(model)
+    roles = {m.role for c in s.couplings for m in c.members if m.module is not None}
+    ratios = {
+        k: v for k, v in RATIOS.items() if {"o_ratio": "o", "v_ratio": "v", "u_ratio": "up"}.get(k, "down") in roles
+    }
+    original = state(model)
+    plan = make_plan(model, s, **ratios, seed=4)
+    assert plan.slices
+    applied = apply_plan(model, plan, s)
+    assert applied.certificate["passed"]
+    assert_slices_match(plan, model, original)
+
+
+def test_json_round_trip_and_fresh_copy_bit_identical(tmp_path):
+    a, b = tiny_llama(), tiny_llama()
+    plan = apply_plan(a, make_plan(a, analyze(a), **RATIOS, seed=3))
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = S2Plan.load(path)
+    assert loaded == plan and loaded.to_dict() == plan.to_dict()
+    apply_plan(b, loaded)  # no structures given: the couplings stored in the plan are used
+    assert_same(b, state(a))
+
+
+def test_plan_for_different_model_refused():
+    a, other = tiny_llama(), tiny_llama(intermediate_size=40)
+    plan = make_plan(a, analyze(a), d_ratio=0.1)
+    before = state(other)
+    with pytest.raises(PlanError, match=rf"{plan.fingerprint}.*model has [0-9a-f]{{16}}"):
+        apply_plan(other, plan)
+    assert_same(other, before)
+
+
+def test_second_application_refused():
+    model = tiny_llama()
+    plan = make_plan(model, analyze(model), d_ratio=0.1)
+    apply_plan(model, plan)
+    after = state(model)
+    with pytest.raises(PlanError, match="already permuted"):
+        apply_plan(model, plan)
+    with pytest.raises(PlanError, match="already carries applied plan"):
+        make_plan(model, analyze(model), d_ratio=0.1)
+    assert_same(model, after)
+
+
+def _corrupt(d: dict, how: str) -> str:
+    if how == "truncated":
+        return json.dumps(d)[:-40]
+    if how == "not_perm":
+        name = next(iter(d["permutations"]))
+        d["permutations"][name][0] = d["permutations"][name][1]
+    elif how == "missing_key":
+        del d["slices"]
+    elif how == "runs_mismatch":
+        d["slices"][0]["runs"][0][1] += 1
+    elif how == "version":
+        d["format_version"] = 99
+    elif how == "array":
+        return "[1, 2]"
+    return json.dumps(d)
+
+
+@pytest.mark.parametrize("how", ["truncated", "not_perm", "missing_key", "runs_mismatch", "version", "array"])
+def test_corrupted_plan_file_refused(tmp_path, how):
+    model = tiny_llama()
+    plan = make_plan(model, analyze(model), **RATIOS)
+    path = tmp_path / "plan.json"
+    path.write_text(_corrupt(plan.to_dict(), how))
+    with pytest.raises(PlanError):
+        S2Plan.load(path)
+    with pytest.raises(PlanError, match="does not exist"):
+        S2Plan.load(tmp_path / "missing.json")
+
+
+def test_illegal_plan_refused_all_or_nothing():
+    model = tiny_llama()
+    s = analyze(model)
+    plan = make_plan(model, s, **RATIOS)
+    plan.permutations["model.layers.1.self_attn"] = [0, 2, 1, 3]  # head 2 into kv group 0
+    before = state(model)
+    with pytest.raises(IllegalPermutation, match="kv group"):
+        apply_plan(model, plan, s)
+    assert_same(model, before)
+    assert applied_plan_id(model) is None
+    plan.permutations["model.layers.1.self_attn"] = [0, 1, 2]
+    with pytest.raises(PlanError, match="has 3 entries"):
+        apply_plan(model, plan, s)
+    plan.permutations["model.layers.1.self_attn"] = [0, 1, 2, 3]
+    plan.permutations["model.layers.9.mlp"] = list(range(48))
+    with pytest.raises(PlanError, match="layers.9"):
+        apply_plan(model, plan, s)
+    del plan.permutations["model.layers.9.mlp"]
+    other = analyze(tiny_llama(attention_bias=False))  # same coupling names, different members
+    with pytest.raises(PlanError, match="differs from the structures given"):
+        apply_plan(model, plan, other)
+    assert_same(model, before)
+
+
+@st.composite
+def llama_configs(draw):
+    kv = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 2, 3]))
+    heads = kv * group
+    head_dim = draw(st.sampled_from([4, 8]))
+    return dict(
+        num_hidden_layers=draw(st.integers(1, 2)),
+        hidden_size=heads * draw(st.sampled_from([4, 6, 8])),  # transformers wants heads | hidden
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        intermediate_size=draw(st.integers(8, 40)),
+        attention_bias=draw(st.booleans()),
+        mlp_bias=draw(st.booleans()),
+        tie_word_embeddings=draw(st.booleans()),
+    )
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(cfg=llama_configs(), seed=st.integers(0, 3), strategy=st.sampled_from(["random", "weight"]))
+def test_property_generated_llama_plans_verify(cfg, seed, strategy):
+    model = tiny_model("llama", **cfg)
+    s = analyze(model)
+    heads = s.by_kind("heads")[0]
+    ratios = dict(d_ratio=0.25, u_ratio=0.2)
+    if heads.size > 1:
+        ratios["o_ratio"] = 0.5
+    if heads.num_groups > 1:
+        ratios["v_ratio"] = 0.5
+    original = state(model)
+    plan = make_plan(model, s, **ratios, seed=seed, strategy=strategy)
+    applied = apply_plan(model, plan, s)
+    assert applied.certificate["passed"] and applied.certificate["rel_diff"] <= 1e-4
+    assert_slices_match(plan, model, original)
+    fresh = tiny_model("llama", **cfg)
+    event(f"cross-group move checked: {heads.group_size > 1 and heads.num_groups > 1}")
+    if heads.group_size > 1 and heads.num_groups > 1:
+        bad = dict(plan.permutations)
+        bad[heads.name] = [heads.group_size] + [i for i in range(heads.size) if i != heads.group_size]
+        tampered = S2Plan.from_dict({**plan.to_dict(), "permutations": bad})
+        fresh_before = state(fresh)
+        with pytest.raises(IllegalPermutation, match="kv group"):
+            apply_plan(fresh, tampered, s)
+        assert_same(fresh, fresh_before)
+    apply_plan(fresh, S2Plan.from_dict(json.loads(json.dumps(plan.to_dict()))))
+    assert_same(fresh, state(model))
+
+
+def test_make_plan_analyzes_when_no_structures_and_apply_without_verify():
+    model = tiny_llama()
+    plan = make_plan(model, d_ratio=0.1, seed=9)
+    assert plan == make_plan(model, analyze(model), d_ratio=0.1, seed=9)
+    copy = tiny_llama()
+    applied = apply_plan(model, plan, verify=False)
+    assert applied.certificate is None and applied_plan_id(model) == plan_id(plan)
+    apply_plan(copy, plan)
+    assert_same(copy, state(model))

@@ -1,0 +1,162 @@
+"""Model audit: the coupled structures S²FT sees, what it would train, and proof the surgery is safe.
+
+    python tools/inspect_structure.py MODEL [--tiny] [--o-ratio R --d-ratio R --v-ratio R --u-ratio R]
+                                     [--strategy random] [--seed N] [--verify] [--json]
+
+MODEL is a local HF folder, a .gguf file, ``demo:smollm2`` (the offline demo model), or with
+``--tiny`` a transformers model_type from which a tiny random-init model is built. Exit code 1 when
+verification fails, 2 when the model is unsupported or the input is bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from surgery.analyze import StructureError, analyze
+from surgery.plan import PlanError, S2Plan
+from surgery.planner import apply_plan, make_plan
+from surgery.structures import ModelStructures
+
+LORA_ROLES = ("q", "k", "v", "up", "down")
+
+
+def load(model: str, tiny: bool) -> nn.Module:
+    if tiny:
+        from surgery.tiny import tiny_model
+
+        return tiny_model(model)
+    from s2ft_lightning.models import load_model
+
+    return load_model(model, dtype=torch.float32)[0]
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or a GPT-2 style Conv1D (weight stored [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
+
+
+def lora_rank_for(model: nn.Module, structures: ModelStructures, trainable: int) -> float:
+    """LoRA rank on q,k,v,up,down whose parameter count equals ``trainable`` (fractional)."""
+    modules = {
+        m.module
+        for c in structures.couplings
+        if c.kind in ("heads", "ffn") and c.parent is None
+        for m in c.members
+        if m.role in LORA_ROLES and m.module
+    }
+    per_rank = sum(sum(_features(model.get_submodule(name))) for name in modules)
+    return trainable / per_rank if per_rank else 0.0
+
+
+def audit(model: nn.Module, args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    structures = analyze(model)
+    t_analyze = time.perf_counter() - t0
+    ratios = {"o_ratio": args.o_ratio, "v_ratio": args.v_ratio, "u_ratio": args.u_ratio, "d_ratio": args.d_ratio}
+    plan: S2Plan = make_plan(model, structures, **ratios, strategy=args.strategy, seed=args.seed)
+    t1 = time.perf_counter()
+    plan = apply_plan(model, plan, structures, verify=args.verify)
+    t_apply = time.perf_counter() - t1
+    trainable = 0
+    per_layer: dict[int, dict] = defaultdict(lambda: {"couplings": [], "trains": []})
+    layer_of = {c.name: c.layer for c in structures.couplings}
+    for s in plan.slices:
+        fan_in, fan_out = _features(model.get_submodule(s.module))
+        n = s.numel_features * (fan_in if s.feature == "out" else fan_out)
+        trainable += n
+        layer = next((layer_of[c] for c in layer_of if s.module.startswith(c + ".")), -1)
+        per_layer[layer]["trains"].append(f"{s.role}:{s.feature}{s.numel_features}x{len(s.runs)}run")
+    for c in structures.couplings:
+        desc = f"{c.kind}[{c.size}]"
+        if c.kind == "heads":
+            desc = f"heads[{c.size}q/{c.num_groups}kv d={c.head_dim}{' rope' if c.rope else ''}]"
+        per_layer[c.layer]["couplings"].append(desc)
+    total = sum(p.numel() for p in model.parameters())
+    cert = plan.certificate or {}
+    return {
+        "model_type": structures.model_type,
+        "layers": structures.num_layers,
+        "couplings": len(structures.couplings),
+        "per_layer": {str(k): v for k, v in sorted(per_layer.items())},
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_fraction": trainable / total,
+        "lora_rank_equivalent": lora_rank_for(model, structures, trainable),
+        "verified": bool(cert.get("passed", False)) if args.verify else None,
+        "max_abs_diff": cert.get("max_abs_diff"),
+        "rel_diff": cert.get("rel_diff"),
+        "analyze_s": t_analyze,
+        "apply_s": t_apply,
+        "notes": structures.notes,
+    }
+
+
+def print_table(r: dict) -> None:
+    print(f"model_type {r['model_type']}  layers {r['layers']}  couplings {r['couplings']}")
+    print(f"{'layer':>5}  {'couplings':<48} trains")
+    for layer, v in r["per_layer"].items():
+        print(f"{layer:>5}  {', '.join(v['couplings']):<48} {', '.join(v['trains']) or '-'}")
+    print(
+        f"trainable {r['trainable_params']:,} of {r['total_params']:,} ({100 * r['trainable_fraction']:.3f}%)"
+        f"  = LoRA rank {r['lora_rank_equivalent']:.1f} on q,k,v,up,down"
+    )
+    if r["verified"] is None:
+        print("verification: skipped (--verify not given)")
+    else:
+        print(
+            f"verification: {'PASSED' if r['verified'] else 'FAILED'}  max|Δlogits| {r['max_abs_diff']:.3g}"
+            f"  relative {r['rel_diff']:.3g}"
+        )
+    print(f"time: analyze {r['analyze_s']:.2f}s, permute+verify {r['apply_s']:.2f}s")
+    for n in r["notes"]:
+        print(f"note: {n}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--tiny", action="store_true", help="MODEL is a model_type; build a tiny random model")
+    p.add_argument("--o-ratio", type=float, default=0.052)
+    p.add_argument("--v-ratio", type=float, default=0.0)
+    p.add_argument("--u-ratio", type=float, default=0.0)
+    p.add_argument("--d-ratio", type=float, default=0.02)
+    p.add_argument("--strategy", default="random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify", action="store_true")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        model = load(args.model, args.tiny)
+        result = audit(model, args)
+    except (StructureError, PlanError, ValueError, OSError) as e:
+        msg = f"{type(e).__name__}: {e}"
+        if args.json:
+            print(json.dumps({"error": msg, "verified": False}))
+        else:
+            print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except Exception as e:  # verification failure or anything unexpected: non-zero, never a traceback-less pass
+        if args.json:
+            print(json.dumps({"error": f"{type(e).__name__}: {e}", "verified": False}))
+        else:
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, default=float))
+    else:
+        print_table(result)
+    return 0 if result["verified"] in (True, None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
