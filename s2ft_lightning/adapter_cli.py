@@ -1,0 +1,185 @@
+"""`s2ft adapter inspect|merge|export|fuse`: work with S²FT adapter directories from the shell.
+
+- inspect DIR [--json]: what each adapter touches, its base, size, and overlaps between adapters.
+- merge DIR --out MODEL_DIR [--base PATH] [--name N ...] [--scale S ...] [--dtype D]: merge adapters into
+  the base and write a stock Hugging Face folder (``save_pretrained``), reloaded and checked before kept.
+- export DIR --out ADAPTER_DIR [--name N] [--base PATH]: a standalone, re-validated copy of one adapter
+  (e.g. out of a multi-adapter directory), optionally checked against a base.
+- fuse DIR [DIR ...] --out ADAPTER_DIR [--weights W ...] [--overlap sum|mean]: combine adapters into one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from s2ft_lightning.adapters import (
+    Adapter,
+    AdapterError,
+    check_base,
+    load_adapter,
+    load_adapters,
+    save_adapter,
+)
+from s2ft_lightning.merge import AdapterBank, fuse_adapters
+
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="s2ft adapter", description="Inspect, merge, export and fuse S2FT adapters.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("inspect", help="summarise an adapter directory")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    m = sub.add_parser("merge", help="merge adapters into the base and save a stock model folder")
+    m.add_argument("path")
+    m.add_argument("--out", required=True)
+    m.add_argument("--base", help="base model folder (default: base_model recorded in the adapter)")
+    m.add_argument("--name", nargs="*", default=None, help="adapters of a multi-adapter directory (default: all)")
+    m.add_argument("--scale", nargs="*", type=float, default=None, help="one scale per merged adapter")
+    m.add_argument("--dtype", choices=list(_DTYPES), default="auto")
+    e = sub.add_parser("export", help="write a standalone, validated copy of one adapter")
+    e.add_argument("path")
+    e.add_argument("--out", required=True)
+    e.add_argument("--name", default=None)
+    e.add_argument("--base", default=None, help="also check the adapter against this base model folder")
+    f = sub.add_parser("fuse", help="combine adapters into one (sum / weighted sum / mean on overlaps)")
+    f.add_argument("paths", nargs="+", help="adapter directories (multi-adapter directories contribute all)")
+    f.add_argument("--out", required=True)
+    f.add_argument("--weights", nargs="*", type=float, default=None)
+    f.add_argument("--overlap", choices=["sum", "mean"], default="sum")
+    f.add_argument("--fused-name", default="fused")
+    return p
+
+
+def _summary(name: str, a: Adapter) -> dict:
+    rows = sum(len(b.indices) for b in a.blocks if b.feature == "out")
+    cols = sum(len(b.indices) for b in a.blocks if b.feature == "in")
+    return {
+        "name": name,
+        "base_model": a.base_model,
+        "base_fingerprint": a.base_fingerprint,
+        "base_values_sha256": a.base_values_sha256,
+        "num_params": a.num_params,
+        "modules": len(a.modules),
+        "rows": rows,
+        "columns": cols,
+        "blocks": {b.key: len(b.indices) for b in a.blocks},
+        "metadata": a.metadata,
+    }
+
+
+def _inspect(args) -> int:
+    ads = load_adapters(args.path)
+    info = {"adapters": [_summary(n, a) for n, a in ads.items()]}
+    if len(ads) > 1:
+        _, report = fuse_adapters(ads)
+        info["overlaps"] = {k: len(v) for k, v in report.overlaps.items()}
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    for s in info["adapters"]:
+        print(f"adapter {s['name']!r}: {s['num_params']:,} weights in {s['modules']} modules "
+              f"({s['rows']} rows, {s['columns']} columns)")  # fmt: skip
+        print(f"  base {s['base_model']} fingerprint {s['base_fingerprint']} values {s['base_values_sha256']}")
+    if "overlaps" in info:
+        print("overlaps between adapters: " + (json.dumps(info["overlaps"]) if info["overlaps"] else "none"))
+    return 0
+
+
+def _load_base(path: str | None, ads: list[Adapter], dtype: torch.dtype | None):
+    from transformers import AutoModelForCausalLM
+
+    path = path or ads[0].base_model
+    if not path or not Path(path).is_dir():
+        raise AdapterError(f"base model folder {path!r} not found; pass --base with a local folder of the base model")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto"), path
+
+
+def _merge(args) -> int:
+    ads = load_adapters(args.path)
+    names = args.name or list(ads)
+    missing = [n for n in names if n not in ads]
+    if missing:
+        raise AdapterError(f"no adapter {missing[0]!r} in {args.path!r} (have {sorted(ads)})")
+    scales = args.scale or [1.0] * len(names)
+    if len(scales) != len(names):
+        raise AdapterError(f"{len(scales)} scales given for {len(names)} adapters")
+    model, base_path = _load_base(args.base, [ads[n] for n in names], _DTYPES[args.dtype])
+    bank = AdapterBank(model)
+    for n in names:
+        bank.add(ads[n], n)  # every adapter is checked against the base before anything is merged
+    for n, s in zip(names, scales):
+        bank.merge(n, s)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        _check_reload(model, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged {names} (scales {scales}) into {base_path} -> {out}")
+    return 0
+
+
+def _check_reload(model, folder: Path) -> None:
+    """The saved folder must load in stock transformers and give the in-memory merged model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype)
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model.eval()(ids).logits, reloaded.eval()(ids).logits
+    if not torch.equal(a, b):
+        raise AdapterError(
+            f"the saved merged model does not reproduce the merged logits (max diff {(a - b).abs().max()})"
+        )
+
+
+def _export(args) -> int:
+    adapter = load_adapter(args.path, args.name)
+    if args.base:
+        model, _ = _load_base(args.base, [adapter], None)
+        check_base(model, adapter)
+    save_adapter(adapter, args.out)
+    print(f"exported adapter {adapter.name!r} ({adapter.num_params:,} weights) -> {args.out}")
+    return 0
+
+
+def _fuse(args) -> int:
+    ads: dict[str, Adapter] = {}
+    for p in args.paths:
+        for n, a in load_adapters(p).items():
+            key = n if n not in ads else f"{Path(p).name}/{n}"
+            ads[key] = a
+    fused, report = fuse_adapters(ads, weights=args.weights, overlap=args.overlap, name=args.fused_name)
+    save_adapter(fused, args.out)
+    print(f"fused {list(ads)} -> {args.out} ({fused.num_params:,} weights); {report.summary()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``s2ft adapter``; returns the exit status (2 for a refused input, with the reason)."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return {"inspect": _inspect, "merge": _merge, "export": _export, "fuse": _fuse}[args.cmd](args)
+    except AdapterError as e:
+        print(f"s2ft adapter {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

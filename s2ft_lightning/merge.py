@@ -1,0 +1,395 @@
+"""Merge, unmerge, switch and fuse S²FT adapters on a stock model, bit-exactly.
+
+`AdapterBank` saves, at registration, the base values of every row/column an adapter touches. Each merged
+position is always recomputed as ``cast(base_fp32 + Σ scale·delta)`` from those saved values (one cast, no
+drift), and a position no merged adapter touches gets ``cast(base_fp32) == base`` back, so unmerge restores
+the base bit-identically however many merge/unmerge/switch cycles ran (PEFT subtracts deltas in bf16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from s2ft_lightning.adapters import (
+    Adapter,
+    AdapterError,
+    BaseCheck,
+    BlockDelta,
+    check_base,
+    get_module,
+    logical_weight,
+)
+
+
+class _Saved:
+    """Base values of the touched rows and columns of one module (logical ``(out, in)`` orientation).
+
+    Rows are stored as ``(n, in)``, columns transposed as ``(n, out)``, each with an index -> position map.
+    """
+
+    def __init__(self, out_f: int, in_f: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.row_pos: dict[int, int] = {}
+        self.col_pos: dict[int, int] = {}
+        self.row_vals = torch.empty(0, in_f, dtype=dtype, device=device)
+        self.col_vals = torch.empty(0, out_f, dtype=dtype, device=device)
+
+    def rows_block(self, idx: list[int]) -> torch.Tensor:
+        pos = torch.tensor([self.row_pos[i] for i in idx], device=self.row_vals.device)
+        return self.row_vals.index_select(0, pos)
+
+    def cols_block(self, idx: list[int]) -> torch.Tensor:
+        pos = torch.tensor([self.col_pos[i] for i in idx], device=self.col_vals.device)
+        return self.col_vals.index_select(0, pos).t()
+
+
+@dataclass
+class _Block:
+    """A registered block on the model's device, with its index tensor and index -> position map."""
+
+    feature: str
+    indices: list[int]
+    idx: torch.Tensor
+    where: dict[int, int]
+    delta: torch.Tensor
+
+
+class AdapterBank:
+    """Adapters registered against one stock model; merge / unmerge / switch them in place, exactly.
+
+    The base values at every position a registered adapter touches are saved once, at `add`.
+    """
+
+    def __init__(self, model: torch.nn.Module, verify: bool = True) -> None:
+        self.model = model
+        self.verify = verify
+        self.adapters: dict[str, Adapter] = {}
+        self.active: list[tuple[str, float]] = []
+        self._saved: dict[str, _Saved] = {}
+        self._blocks: dict[str, dict[tuple[str, str], _Block]] = {}  # adapter -> (module, feature) -> block
+
+    # -------------------------------------------------------------------------------- registration
+    def add(self, adapter: Adapter, name: str | None = None) -> str:
+        """Register ``adapter`` (checked against the base values, not the merged ones); returns its name."""
+        name = name or adapter.name or f"adapter{len(self.adapters)}"
+        if name in self.adapters:
+            raise AdapterError(f"an adapter named {name!r} is already registered; remove it or pick another name")
+        adapter.validate()
+        if self.verify:
+            check_base(self.model, adapter, read=self._read_base)
+        else:  # still refuse shapes that would index out of range
+            for m in adapter.modules:
+                if tuple(logical_weight(get_module(self.model, m)).shape) != tuple(adapter.module_shapes[m]):
+                    raise AdapterError(f"module {m!r} has a different shape than the adapter expects")
+        blocks = {}
+        for b in adapter.blocks:
+            dev = logical_weight(get_module(self.model, b.module)).device
+            blocks[(b.module, b.feature)] = _Block(
+                b.feature,
+                list(b.indices),
+                torch.tensor(b.indices, dtype=torch.long, device=dev),
+                {i: j for j, i in enumerate(b.indices)},
+                b.delta.to(dev),
+            )
+        for module, (rows, cols) in self._positions([adapter]).items():
+            self._save(module, sorted(rows), sorted(cols))
+        self.adapters[name] = adapter
+        self._blocks[name] = blocks
+        return name
+
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (unmerging it first); saved base values nobody else needs are dropped."""
+        self._get(name)
+        if any(n == name for n, _ in self.active):
+            self.unmerge(name)
+        del self.adapters[name], self._blocks[name]
+        keep = self._positions(list(self.adapters.values()))
+        for module in list(self._saved):
+            rows, cols = keep.get(module, (set(), set()))
+            saved = self._saved[module]
+            if set(saved.row_pos) - rows or set(saved.col_pos) - cols:
+                w = logical_weight(get_module(self.model, module))
+                fresh = _Saved(w.shape[0], w.shape[1], saved.row_vals.dtype, saved.row_vals.device)
+                r, c = sorted(rows & set(saved.row_pos)), sorted(cols & set(saved.col_pos))
+                if r:
+                    fresh.row_vals, fresh.row_pos = (
+                        saved.rows_block(r).clone(),
+                        {i: j for j, i in enumerate(r)},
+                    )
+                if c:
+                    fresh.col_vals = saved.cols_block(c).t().contiguous()
+                    fresh.col_pos = {i: j for j, i in enumerate(c)}
+                if r or c:
+                    self._saved[module] = fresh
+                else:
+                    del self._saved[module]
+
+    def _get(self, name: str) -> Adapter:
+        if name not in self.adapters:
+            raise AdapterError(f"no adapter named {name!r} is registered (have {sorted(self.adapters)})")
+        return self.adapters[name]
+
+    # ------------------------------------------------------------------------------------ operations
+    def merge(self, name: str, scale: float = 1.0) -> None:
+        """Add adapter ``name`` (times ``scale``) on top of whatever is merged."""
+        a = self._get(name)
+        if any(n == name for n, _ in self.active):
+            raise AdapterError(f"adapter {name!r} is already merged; unmerge it first")
+        self.active.append((name, float(scale)))
+        self._refresh(self._positions([a]))
+
+    def unmerge(self, name: str | None = None) -> None:
+        """Remove adapter ``name`` (or every merged adapter): touched positions go back bit-exactly."""
+        if name is None:
+            gone = [self.adapters[n] for n, _ in self.active]
+            self.active = []
+        else:
+            if not any(n == name for n, _ in self.active):
+                raise AdapterError(f"adapter {name!r} is not merged (merged: {[n for n, _ in self.active]})")
+            gone = [self.adapters[name]]
+            self.active = [(n, s) for n, s in self.active if n != name]
+        self._refresh(self._positions(gone))
+
+    def switch(self, name: str, scale: float = 1.0) -> None:
+        """Replace everything merged by adapter ``name``, touching only the union of their rows/columns."""
+        new = self._get(name)
+        old = [self.adapters[n] for n, _ in self.active]
+        self.active = [(name, float(scale))]
+        self._refresh(self._positions(old + [new]))
+
+    @property
+    def merged(self) -> list[str]:
+        return [n for n, _ in self.active]
+
+    # ------------------------------------------------------------------------------------- internals
+    @staticmethod
+    def _positions(adapters: Sequence[Adapter]) -> dict[str, tuple[set[int], set[int]]]:
+        pos: dict[str, tuple[set[int], set[int]]] = {}
+        for a in adapters:
+            for b in a.blocks:
+                rows, cols = pos.setdefault(b.module, (set(), set()))
+                (rows if b.feature == "out" else cols).update(b.indices)
+        return pos
+
+    def _read_base(self, module: str, feature: str, idx: torch.Tensor) -> torch.Tensor:
+        """Base values of rows/columns ``idx``: current weights with saved base values laid over them."""
+        w = logical_weight(get_module(self.model, module))
+        saved = self._saved.get(module)
+        idx = idx.to(w.device)
+        with torch.no_grad():
+            if feature == "out":
+                vals = w.index_select(0, idx).clone()
+                if saved is not None:
+                    hit = [(j, i) for j, i in enumerate(idx.tolist()) if i in saved.row_pos]
+                    if hit:
+                        vals[[j for j, _ in hit]] = saved.rows_block([i for _, i in hit])
+                    if saved.col_pos:
+                        cols = list(saved.col_pos)
+                        vals[:, cols] = saved.cols_block(cols).index_select(0, idx)
+            else:
+                vals = w.index_select(1, idx).clone()
+                if saved is not None:
+                    hit = [(j, i) for j, i in enumerate(idx.tolist()) if i in saved.col_pos]
+                    if hit:
+                        vals[:, [j for j, _ in hit]] = saved.cols_block([i for _, i in hit])
+                    if saved.row_pos:
+                        rows = list(saved.row_pos)
+                        vals[rows, :] = saved.rows_block(rows).index_select(1, idx)
+        return vals
+
+    def _save(self, module: str, rows: list[int], cols: list[int]) -> None:
+        w = logical_weight(get_module(self.model, module))
+        saved = self._saved.setdefault(module, _Saved(w.shape[0], w.shape[1], w.dtype, w.device))
+        new_rows = [r for r in rows if r not in saved.row_pos]
+        new_cols = [c for c in cols if c not in saved.col_pos]
+        # read both before storing either, so each read sees only the previously saved overlay
+        col_vals = self._read_base(module, "in", torch.tensor(new_cols, dtype=torch.long)) if new_cols else None
+        row_vals = self._read_base(module, "out", torch.tensor(new_rows, dtype=torch.long)) if new_rows else None
+        if col_vals is not None:
+            n = len(saved.col_pos)
+            saved.col_vals = torch.cat([saved.col_vals, col_vals.t()])
+            saved.col_pos.update({c: n + j for j, c in enumerate(new_cols)})
+        if row_vals is not None:
+            n = len(saved.row_pos)
+            saved.row_vals = torch.cat([saved.row_vals, row_vals])
+            saved.row_pos.update({r: n + j for j, r in enumerate(new_rows)})
+
+    def _compose(self, module: str, feature: str, idx: list[int]) -> torch.Tensor:
+        """fp32 base + Σ scale·delta at rows (``"out"``) or columns (``"in"``) ``idx``, in a fixed order.
+
+        Every element gets the same sequence of additions whether it is computed as part of a row or a
+        column, so overlapping rows and columns always agree bit for bit.
+        """
+        saved = self._saved[module]
+        is_rows = feature == "out"
+        base = saved.rows_block(idx) if is_rows else saved.cols_block(idx)
+        out = base.to(torch.promote_types(base.dtype, torch.float32))  # fp64 bases stay exact
+        dev = out.device
+        where = {i: j for j, i in enumerate(idx)}
+        idx_t = None
+        for name, scale in self.active:
+            blocks = self._blocks[name]
+            for feat in ("out", "in"):  # rows first, then columns, for every adapter
+                b = blocks.get((module, feat))
+                if b is None:
+                    continue
+                if feat == feature:  # same axis: add the matching rows/columns of the delta
+                    pairs = [(where[i], j) for i, j in b.where.items() if i in where]
+                    if not pairs:
+                        continue
+                    dst = torch.tensor([p for p, _ in pairs], device=dev)
+                    src = torch.tensor([q for _, q in pairs], device=dev)
+                    contrib = b.delta.index_select(0 if is_rows else 1, src)
+                    contrib = contrib if scale == 1.0 else contrib * scale
+                    out.index_add_(0 if is_rows else 1, dst, contrib)
+                else:  # cross axis: rows of a column delta / columns of a row delta
+                    if idx_t is None:
+                        idx_t = torch.tensor(idx, dtype=torch.long, device=dev)
+                    contrib = b.delta.index_select(0 if is_rows else 1, idx_t)
+                    contrib = contrib if scale == 1.0 else contrib * scale
+                    if is_rows:
+                        out[:, b.idx] += contrib
+                    else:
+                        out[b.idx, :] += contrib
+        return out
+
+    def _refresh(self, positions: Mapping[str, tuple[set[int], set[int]]]) -> None:
+        with torch.no_grad():
+            for module, (rows, cols) in positions.items():
+                w = logical_weight(get_module(self.model, module))
+                if cols:
+                    cols = sorted(cols)
+                    vals = self._compose(module, "in", cols).to(w.dtype)
+                    w.index_copy_(1, torch.tensor(cols, device=w.device), vals)
+                if rows:
+                    rows = sorted(rows)
+                    vals = self._compose(module, "out", rows).to(w.dtype)
+                    w.index_copy_(0, torch.tensor(rows, device=w.device), vals)
+
+
+def merge_adapter(model: torch.nn.Module, adapter: Adapter, scale: float = 1.0, verify: bool = True) -> AdapterBank:
+    """Merge one adapter into ``model`` (fp32 add, one cast); the returned bank can unmerge it exactly."""
+    bank = AdapterBank(model, verify=verify)
+    bank.merge(bank.add(adapter), scale)
+    return bank
+
+
+# ------------------------------------------------------------------------------------------------ fusion
+@dataclass
+class FusionReport:
+    """Where fused adapters overlap: per block key, the shared indices and which adapters share them."""
+
+    overlaps: dict[str, dict[int, list[str]]] = field(default_factory=dict)
+    cross: dict[str, int] = field(default_factory=dict)  # module -> elements touched by rows AND columns
+    mode: str = "sum"
+
+    @property
+    def num_overlapping(self) -> int:
+        return sum(len(v) for v in self.overlaps.values())
+
+    def summary(self) -> str:
+        if not self.overlaps and not self.cross:
+            return "no overlapping rows/columns"
+        parts = [f"{k}: {len(v)} shared indices" for k, v in self.overlaps.items()]
+        parts += [f"{m}: {n} elements in both a row and a column block" for m, n in self.cross.items()]
+        return f"overlaps resolved by {self.mode}: " + "; ".join(parts)
+
+
+def fuse_adapters(
+    adapters: Mapping[str, Adapter] | Sequence[Adapter],
+    weights: Sequence[float] | None = None,
+    overlap: Literal["sum", "mean"] = "sum",
+    name: str | None = None,
+) -> tuple[Adapter, FusionReport]:
+    """Combine adapters into one: ``Σ w_i·delta_i``; with ``overlap="mean"`` shared elements are averaged."""
+    if not isinstance(adapters, Mapping):
+        adapters = {a.name or f"adapter{i}": a for i, a in enumerate(adapters)}
+    names, items = list(adapters), list(adapters.values())
+    if not items:
+        raise AdapterError("fuse_adapters needs at least one adapter")
+    if overlap not in ("sum", "mean"):
+        raise AdapterError(f"overlap={overlap!r} must be 'sum' or 'mean'")
+    weights = [1.0] * len(items) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(items):
+        raise AdapterError(f"{len(weights)} weights given for {len(items)} adapters")
+    first = items[0]
+    shapes, kinds = dict(first.module_shapes), dict(first.module_kinds)
+    for n, a in zip(names, items):
+        if a.base_fingerprint != first.base_fingerprint:
+            raise AdapterError(
+                f"adapter {n!r} was made for another base ({a.base_fingerprint} != {first.base_fingerprint})"
+            )
+        for m, s in a.module_shapes.items():
+            if shapes.setdefault(m, s) != s:
+                raise AdapterError(f"adapter {n!r} disagrees on the shape of {m!r}")
+            kinds.setdefault(m, a.module_kinds[m])
+
+    report = FusionReport(mode=overlap)
+    groups: dict[tuple[str, str], list[tuple[str, float, BlockDelta]]] = {}
+    for n, w, a in zip(names, weights, items):
+        for b in a.blocks:
+            groups.setdefault((b.module, b.feature), []).append((n, w, b))
+    fused: dict[tuple[str, str], tuple[list[int], torch.Tensor, torch.Tensor]] = {}
+    for (module, feature), parts in groups.items():
+        axis = 0 if feature == "out" else 1
+        union = sorted({i for _, _, b in parts for i in b.indices})
+        pos = {i: j for j, i in enumerate(union)}
+        out_f, in_f = shapes[module]
+        size = (len(union), in_f) if feature == "out" else (out_f, len(union))
+        total = torch.zeros(size)
+        counts = torch.zeros(len(union))
+        owners: dict[int, list[str]] = {}
+        for n, w, b in parts:
+            dst = torch.tensor([pos[i] for i in b.indices])
+            total.index_add_(axis, dst, b.delta * w)
+            counts[dst] += 1
+            for i in b.indices:
+                owners.setdefault(i, []).append(n)
+        shared = {i: ns for i, ns in owners.items() if len(ns) > 1}
+        if shared:
+            report.overlaps[f"{module}.{'rows' if feature == 'out' else 'cols'}"] = shared
+        fused[(module, feature)] = (union, total, counts)
+    for module in {m for m, _ in fused}:
+        r, c = fused.get((module, "out")), fused.get((module, "in"))
+        if r is not None and c is not None:
+            report.cross[module] = len(r[0]) * len(c[0])
+        if overlap != "mean":
+            continue
+        out_f, in_f = shapes[module]
+        row_n, col_n = torch.zeros(out_f), torch.zeros(in_f)  # how many blocks touch each row / column
+        if r is not None:
+            row_n[torch.tensor(r[0])] = r[2]
+        if c is not None:
+            col_n[torch.tensor(c[0])] = c[2]
+        if r is not None:  # element (i, j) is touched by row_n[i] + col_n[j] blocks
+            r[1].div_(row_n[torch.tensor(r[0])][:, None] + col_n[None, :])
+        if c is not None:
+            c[1].div_(col_n[torch.tensor(c[0])][None, :] + row_n[:, None])
+
+    blocks = []
+    for (module, feature), (union, total, _) in sorted(fused.items()):
+        checks: list[BaseCheck] = []
+        seen = set()
+        for _, _, b in groups[(module, feature)]:
+            for ch in b.base_checks:
+                ch = BaseCheck(ch.dtype, ch.sha256, ch.sha256_bf16, list(ch.indices or b.indices))
+                key = (tuple(ch.indices), ch.sha256)
+                if key not in seen:
+                    seen.add(key)
+                    checks.append(ch)
+        blocks.append(BlockDelta(module, feature, union, total.contiguous(), checks))
+    used = {m for m, _ in fused}
+    result = Adapter(
+        blocks,
+        first.base_fingerprint,
+        {m: shapes[m] for m in used},
+        {m: kinds[m] for m in used},
+        base_model=first.base_model,
+        name=name,
+        metadata={"fused_from": names, "weights": weights, "overlap": overlap},
+    )
+    result.validate()
+    return result, report

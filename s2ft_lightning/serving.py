@@ -1,0 +1,181 @@
+"""Multi-adapter batched serving: every batch row runs its own S²FT adapter (or none) over one unmerged base.
+
+Each touched module computes ``y = base(x)`` once for the whole batch, then adds each row's block term:
+columns ``x[:, cols] @ Δᵀ`` (added to every output) and rows ``x @ Δᵀ`` (scattered into the selected
+outputs). The term comes from a Triton kernel (`ops.kernels.multi_adapter`) or the torch reference below,
+chosen by ``S2FT_KERNELS`` like the training ops. Equal to running each row alone with its adapter merged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from s2ft_lightning.adapters import Adapter, AdapterError, check_base, get_module, logical_weight, module_kind
+
+
+class PackedBlocks:
+    """One module's blocks of one feature for all served adapters, zero-padded to a common ``K``.
+
+    ``idx (A, K)`` int32, ``kcnt (A,)`` int32, ``delta`` fp32 ``(A, OUT, K)`` for columns or ``(A, K, IN)``
+    for rows. Slot ``A`` (one past the adapters) is all zeros so rows without an adapter index it safely.
+    """
+
+    def __init__(self, feature: str, adapters: Sequence[Adapter | None], module: str, shape, device) -> None:
+        self.feature = feature
+        out_f, in_f = shape
+        blocks = [a.block(module, feature) if a is not None else None for a in adapters]
+        k = max([len(b.indices) for b in blocks if b is not None] or [0])
+        n = len(adapters) + 1
+        self.idx = torch.zeros(n, k, dtype=torch.int32)
+        self.kcnt = torch.zeros(n, dtype=torch.int32)
+        self.delta = torch.zeros((n, out_f, k) if feature == "in" else (n, k, in_f))
+        for s, b in enumerate(blocks):
+            if b is None:
+                continue
+            kb = len(b.indices)
+            self.idx[s, :kb] = torch.tensor(b.indices, dtype=torch.int32)
+            self.kcnt[s] = kb
+            if feature == "in":
+                self.delta[s, :, :kb] = b.delta
+            else:
+                self.delta[s, :kb] = b.delta
+        self.idx, self.kcnt, self.delta = self.idx.to(device), self.kcnt.to(device), self.delta.to(device)
+        self.idx_long = self.idx.long()
+        self.users = {s for s, b in enumerate(blocks) if b is not None}
+
+
+def block_term_torch(
+    y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, p: PackedBlocks, identity: bool = False
+) -> torch.Tensor:
+    """Reference: ``y`` plus each row's block term (fp32 accumulation, one cast). ``slots`` (B,) long.
+
+    ``identity=True`` promises ``slots == arange(B)`` (row i uses adapter i), so no per-row copy is made.
+    """
+    B, T, _ = x.shape
+    k = p.idx.shape[1]
+    idx = p.idx_long[:B] if identity else p.idx_long[slots]
+    delta = (p.delta[:B] if identity else p.delta[slots]).transpose(1, 2)
+    if p.feature == "in":
+        xg = x.gather(-1, idx[:, None, :].expand(B, T, k)).float()
+        if y.dtype == torch.float32:
+            return torch.baddbmm(y, xg, delta)
+        return (y.float() + torch.bmm(xg, delta)).to(y.dtype)
+    g = torch.bmm(x.float(), delta)  # (B, T, K); padded rows are zero
+    return y.float().scatter_add(-1, idx[:, None, :].expand(B, T, k), g).to(y.dtype)
+
+
+def block_term_triton(y: torch.Tensor, x: torch.Tensor, aid: torch.Tensor, p: PackedBlocks) -> torch.Tensor:
+    """Triton path: add each row's block term into (a contiguous copy of) ``y``; ``aid`` -1 = none."""
+    from s2ft_lightning.ops.kernels.multi_adapter import cols_term_, rows_term_
+
+    y = y.contiguous()
+    x = x.contiguous()
+    fn = cols_term_ if p.feature == "in" else rows_term_
+    return fn(y, x, aid, p.idx, p.delta, p.kcnt)
+
+
+class MultiAdapterModel(nn.Module):
+    """Serve many adapters at once over one unmerged base; pick one adapter per batch row.
+
+    ``out = mam(input_ids=..., adapter_names=["a", None, "b", ...])``; for ``generate`` use
+    ``with mam.use(names): model.generate(...)``. The base must not have any adapter merged.
+    """
+
+    def __init__(
+        self, model: nn.Module, adapters: Mapping[str, Adapter], backend: str = "auto", verify: bool = True
+    ) -> None:
+        super().__init__()
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend={backend!r} must be 'auto', 'torch' or 'triton'")
+        self.model = model
+        self.backend = backend
+        self.names = list(adapters)
+        items = list(adapters.values())
+        for n, a in zip(self.names, items):
+            a.validate()
+            if verify:
+                try:
+                    check_base(model, a)
+                except AdapterError as e:
+                    raise AdapterError(f"adapter {n!r}: {e}") from e
+        self._packed: dict[str, list[PackedBlocks]] = {}
+        for module in sorted({m for a in items for m in a.modules}):
+            mod = get_module(model, module)
+            module_kind(mod)
+            w = logical_weight(mod)
+            feats = [f for f in ("in", "out") if any(a.block(module, f) is not None for a in items)]
+            self._packed[module] = [PackedBlocks(f, items, module, tuple(w.shape), w.device) for f in feats]
+        self._slots: torch.Tensor | None = None
+        self._aid: torch.Tensor | None = None
+        self._active: set[int] = set()
+        self._identity = False
+        self._hooks = [get_module(model, m).register_forward_hook(self._hook(m)) for m in self._packed]
+
+    def _backend(self, device: torch.device) -> str:
+        if self.backend != "auto":
+            return self.backend
+        from s2ft_lightning.ops import backend_for
+
+        return backend_for(device)
+
+    def _hook(self, module: str):
+        packs = self._packed[module]
+
+        def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if self._slots is None:
+                return None
+            used = [p for p in packs if p.users & self._active]
+            if not used:
+                return None
+            x = args[0]
+            squeeze = x.dim() == 2
+            if squeeze:
+                x, output = x[:, None], output[:, None]
+            if x.shape[0] != self._slots.shape[0]:
+                raise RuntimeError(
+                    f"{module}: input batch {x.shape[0]} != {self._slots.shape[0]} adapter names; "
+                    "modules that flatten or reorder the batch (e.g. MoE experts) cannot be served per row"
+                )
+            use_triton = self._backend(x.device) == "triton"
+            y = output
+            for p in used:
+                if use_triton:
+                    y = block_term_triton(y, x, self._aid, p)
+                else:
+                    y = block_term_torch(y, x, self._slots, p, self._identity)
+            return y[:, 0] if squeeze else y
+
+        return hook
+
+    @contextlib.contextmanager
+    def use(self, adapter_names: Sequence[str | None]) -> Iterator[None]:
+        """Within the block, batch row ``i`` of every forward uses adapter ``adapter_names[i]``."""
+        ids = []
+        for n in adapter_names:
+            if n is not None and n not in self.names:
+                raise AdapterError(f"unknown adapter {n!r}; served adapters: {self.names}")
+            ids.append(-1 if n is None else self.names.index(n))
+        dev = next(self.model.parameters()).device
+        aid = torch.tensor(ids, dtype=torch.int32, device=dev)
+        slots = torch.where(aid < 0, len(self.names), aid).long()  # slot A holds zeros
+        prev = (self._slots, self._aid, self._active, self._identity)
+        self._slots, self._aid, self._active = slots, aid, {i for i in ids if i >= 0}
+        self._identity = ids == list(range(len(ids)))
+        try:
+            yield
+        finally:
+            self._slots, self._aid, self._active, self._identity = prev
+
+    def forward(self, *args, adapter_names: Sequence[str | None], **kwargs):
+        with self.use(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def close(self) -> None:
+        """Remove the hooks: the wrapped model is the plain base again."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
