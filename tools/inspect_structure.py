@@ -75,7 +75,9 @@ def audit(model: nn.Module, args: argparse.Namespace) -> dict:
         n = s.numel_features * (fan_in if s.feature == "out" else fan_out)
         trainable += n
         layer = next((layer_of[c] for c in layer_of if s.module.startswith(c + ".")), -1)
-        per_layer[layer]["trains"].append(f"{s.role}:{s.feature}{s.numel_features}x{len(s.runs)}run")
+        axis = "cols" if s.feature == "in" else "rows"
+        runs = f"{len(s.runs)} runs" if len(s.runs) > 1 else "1 run"
+        per_layer[layer]["trains"].append(f"{s.role} {s.numel_features} {axis} ({runs})")
     for c in structures.couplings:
         desc = f"{c.kind}[{c.size}]"
         if c.kind == "heads":

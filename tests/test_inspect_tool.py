@@ -1,0 +1,53 @@
+"""tools/inspect_structure.py: the audit's JSON contract, its table, and exit codes on bad input."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "inspect_structure", Path(__file__).resolve().parents[1] / "tools" / "inspect_structure.py"
+)
+inspect_structure = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(inspect_structure)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3"])
+def test_json_audit_verifies(model_type, capsys):
+    code = inspect_structure.main([model_type, "--tiny", "--o-ratio", "0.25", "--d-ratio", "0.1", "--verify", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["model_type"] == model_type and out["layers"] == 2
+    assert out["verified"] is True and out["max_abs_diff"] <= 1e-4 * 100
+    assert out["couplings"] >= 4 and 0 < out["trainable_params"] < out["total_params"]
+    assert out["lora_rank_equivalent"] > 0
+
+
+def test_table_names_what_is_trained(capsys):
+    assert inspect_structure.main(["llama", "--tiny", "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "verification: PASSED" in text and "o 8 cols" in text and "LoRA rank" in text
+
+
+def test_unsupported_model_exits_2(capsys):
+    assert inspect_structure.main(["mamba", "--tiny", "--json"]) == 2
+    assert "no attention blocks" in json.loads(capsys.readouterr().out)["error"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--o-ratio", "1.5"], "o_ratio"),
+        (["--strategy", "psychic"], "psychic"),
+        (["--o-ratio", "0", "--d-ratio", "0"], "nothing would be trained"),
+    ],
+)
+def test_bad_inputs_exit_2_with_the_reason(args, message, capsys):
+    assert inspect_structure.main(["llama", "--tiny", "--json", *args]) == 2
+    assert message in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_missing_model_path_exits_2(tmp_path, capsys):
+    assert inspect_structure.main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

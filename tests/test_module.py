@@ -1,0 +1,209 @@
+"""S2FTModule end to end on a tiny saved Llama: training touches only blocks, checkpoints, resume, export."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from s2ft_lightning import AdapterCheckpoint, MergeAdapters, S2Config, S2FTModule
+from s2ft_lightning.data import ReasoningGymDataModule
+from s2ft_lightning.layers import S2Linear, installed
+from s2ft_lightning.models import ModelLoadError
+from surgery.plan import PlanError
+from surgery.select import SelectionError
+
+S2 = S2Config(o_ratio=0.25, d_ratio=0.1, seed=3)
+
+
+def _dm(path, **kw) -> ReasoningGymDataModule:
+    args = dict(
+        task="basic_arithmetic",
+        task_kwargs={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": ["+"]},
+        train_size=16,
+        val_size=4,
+        batch_size=4,
+        max_length=48,
+        seed=0,
+    )
+    args.update(kw)
+    return ReasoningGymDataModule(str(path), **args)
+
+
+def _trainer(tmp_path, **kw) -> L.Trainer:
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+class _Snapshot(Callback):
+    def on_fit_start(self, trainer, pl_module):
+        self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def test_fit_changes_only_the_blocks(tiny_llama_dir, tmp_path):
+    module = S2FTModule(str(tiny_llama_dir), s2=S2)
+    snap = _Snapshot()
+    _trainer(tmp_path, callbacks=[snap]).fit(module, datamodule=_dm(tiny_llama_dir))
+    wrappers = installed(module.model)
+    assert wrappers and module.plan is not None and module.plan.certificate["passed"]
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(".blocks." in n for n in trainable)
+    changed_blocks = 0
+    for name, p in module.named_parameters():
+        before = snap.before[name]
+        if name in trainable:
+            changed_blocks += int(not torch.equal(before, p))
+            continue
+        assert p.grad is None, name
+        owner = name.rsplit(".", 1)[0]
+        w = module.get_submodule(owner)
+        if isinstance(w, S2Linear) and name.endswith("weight"):
+            # The frozen weight changed exactly at the block positions, which hold the block values.
+            mask = torch.zeros_like(p, dtype=torch.bool)
+            for s in w.slices:
+                for a, b in s.runs:
+                    if s.feature == "in":
+                        mask[:, a:b] = True
+                    else:
+                        mask[a:b] = True
+            assert torch.equal(p[~mask], before[~mask]), name
+        else:
+            assert torch.equal(p, before), name
+    assert changed_blocks == len(trainable)
+
+
+def test_plan_and_config_saved_next_to_logs(tiny_llama_dir, tmp_path):
+    module = S2FTModule(str(tiny_llama_dir), s2=S2)
+    trainer = _trainer(tmp_path, logger=L.pytorch.loggers.CSVLogger(tmp_path), max_steps=1)
+    trainer.fit(module, datamodule=_dm(tiny_llama_dir))
+    from surgery.plan import S2Plan
+
+    saved = S2Plan.load(tmp_path / "lightning_logs" / "version_0" / "s2_plan.json")
+    assert saved.to_dict() == module.plan.to_dict()
+
+
+def _block_values(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_resume_is_bit_identical(tiny_llama_dir, tmp_path):
+    # 16 rows / batch 4 = 4 steps per epoch; stop after epoch 1, resume to epoch 3.
+    full = S2FTModule(str(tiny_llama_dir), s2=S2, optimizer=_sgd)
+    L.seed_everything(0)
+    _trainer(tmp_path / "a", max_steps=-1, max_epochs=3).fit(full, datamodule=_dm(tiny_llama_dir))
+
+    first = S2FTModule(str(tiny_llama_dir), s2=S2, optimizer=_sgd)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    L.seed_everything(0)
+    _trainer(tmp_path / "b", max_steps=-1, max_epochs=1, enable_checkpointing=True, callbacks=[ckpt]).fit(
+        first, datamodule=_dm(tiny_llama_dir)
+    )
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    assert saved["s2ft_plan"]["fingerprint"] == first.plan.fingerprint
+
+    resumed = S2FTModule(str(tiny_llama_dir), s2=S2, optimizer=_sgd)
+    L.seed_everything(123)  # resume must not depend on the global seed
+    _trainer(tmp_path / "c", max_steps=-1, max_epochs=3).fit(
+        resumed, datamodule=_dm(tiny_llama_dir), ckpt_path=tmp_path / "ck" / "last.ckpt"
+    )
+    a, b = _block_values(full), _block_values(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a[k], _block_values(first)[k])
+
+
+def test_resume_with_a_different_plan_is_refused(tiny_llama_dir, tmp_path):
+    first = S2FTModule(str(tiny_llama_dir), s2=S2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    _trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[ckpt]).fit(
+        first, datamodule=_dm(tiny_llama_dir)
+    )
+    other = S2FTModule(str(tiny_llama_dir), s2=S2Config(o_ratio=0.25, d_ratio=0.1, seed=4))
+    with pytest.raises(PlanError, match="different S2 plan"):
+        _trainer(tmp_path, max_steps=2).fit(
+            other, datamodule=_dm(tiny_llama_dir), ckpt_path=tmp_path / "ck" / "last.ckpt"
+        )
+
+
+def test_gradient_clipping_reaches_the_blocks(tiny_llama_dir, tmp_path):
+    def run(clip):
+        m = S2FTModule(str(tiny_llama_dir), s2=S2, optimizer=_sgd)
+        snap = _Snapshot()
+        L.seed_everything(0)
+        _trainer(tmp_path, max_steps=1, gradient_clip_val=clip, callbacks=[snap]).fit(m, datamodule=_dm(tiny_llama_dir))
+        return max(float((p - snap.before[n]).abs().max()) for n, p in m.named_parameters() if p.requires_grad)
+
+    unclipped, clipped = run(None), run(1e-6)
+    assert unclipped > 1e-3
+    assert clipped <= 0.5 * 1e-6 * 1.01  # lr * clip norm bounds every element of the update
+
+
+def test_accumulation_runs_and_steps_once_per_window(tiny_llama_dir, tmp_path):
+    m = S2FTModule(str(tiny_llama_dir), s2=S2)
+    trainer = _trainer(tmp_path, max_steps=2, accumulate_grad_batches=2)
+    trainer.fit(m, datamodule=_dm(tiny_llama_dir))
+    assert trainer.global_step == 2 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4
+
+
+def test_adapter_and_merged_export(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from s2ft_lightning.adapters import load_adapter
+
+    module = S2FTModule(str(tiny_llama_dir), s2=S2)
+    callbacks = [AdapterCheckpoint(tmp_path / "adapters"), MergeAdapters(tmp_path / "merged")]
+    _trainer(tmp_path, max_steps=2, callbacks=callbacks).fit(module, datamodule=_dm(tiny_llama_dir))
+    adapter = load_adapter(tmp_path / "adapters" / "default")
+    assert adapter.num_params == sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 12))
+    module.model.eval()
+    with torch.no_grad():
+        want = module.model(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Unpermuted: apart from the trained rows/columns (original indices), every weight equals the stock base.
+    base_sd, merged_sd = base.state_dict(), merged.state_dict()
+    touched = {f"{b.module}.weight" for b in adapter.blocks}
+    for name, t in base_sd.items():
+        if name not in touched:
+            assert torch.equal(t, merged_sd[name]), name
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    module = S2FTModule(str(tmp_path / "nope"), s2=S2)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        module.configure_model()
+
+
+def test_ratios_selecting_nothing_are_refused(tiny_llama_dir):
+    module = S2FTModule(str(tiny_llama_dir), s2=S2Config(o_ratio=0.0, d_ratio=0.0))
+    with pytest.raises(SelectionError, match="nothing would be trained"):
+        module.configure_model()
+
+
+def test_configure_model_is_idempotent(tiny_llama_dir):
+    module = S2FTModule(str(tiny_llama_dir), s2=S2)
+    module.configure_model()
+    plan, n = module.plan, len(installed(module.model))
+    module.configure_model()
+    assert module.plan is plan and len(installed(module.model)) == n
