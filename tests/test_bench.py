@@ -1,0 +1,208 @@
+"""Smoke tests of the benchmark harness: mode construction, matched LoRA rank, JSON schema, targets, plots.
+
+No wall-time assertions: timings are measured by tools/bench.py, never judged inside pytest.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # benchmarks/ is a repo folder, not an installed package
+
+from benchmarks import plots  # noqa: E402
+from benchmarks import report as rp  # noqa: E402
+from benchmarks import train_suite as ts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return ts.get_config("tiny", steps=1, warmup=1)
+
+
+def _expected_s2ft_count(c: dict) -> int:
+    m = c["model"]
+    head_dim = m["hidden_size"] // m["num_attention_heads"]
+    k_heads = max(1, round(c["o_ratio"] * m["num_attention_heads"]))
+    k_ch = max(1, round(c["d_ratio"] * m["intermediate_size"]))
+    return m["num_hidden_layers"] * m["hidden_size"] * (k_heads * head_dim + k_ch)
+
+
+def test_frozen_mode_has_no_trainable_params_but_input_grads(cfg):
+    b = ts.setup_mode("frozen", cfg, "cpu")
+    assert b.params == [] and b.info["trainable_params"] == 0
+    assert not any(p.requires_grad for p in b.model.parameters())
+    seen = {}
+
+    def hook(module, inputs, output):
+        seen["rg"] = output.requires_grad
+
+    b.model.get_input_embeddings().register_forward_hook(hook)
+    ids = torch.randint(0, cfg["model"]["vocab_size"], (1, 8))
+    loss = b.model(input_ids=ids, labels=ids).loss
+    assert seen["rg"] and loss.requires_grad  # the full input-gradient backward will run
+    before = {n: p.clone() for n, p in b.model.named_parameters()}
+    ts.make_step(b, ids)()
+    for n, p in b.model.named_parameters():
+        assert p.grad is None and torch.equal(p, before[n])
+
+
+def test_s2ft_and_full_trainable_counts(cfg):
+    s2 = ts.setup_mode("s2ft", cfg, "cpu")
+    assert s2.info["trainable_params"] == _expected_s2ft_count(cfg)
+    assert s2.info["slices"] in ("planner", "hand")
+    full = ts.setup_mode("full", cfg, "cpu")
+    assert full.info["trainable_params"] == full.info["total_params"]
+
+
+@pytest.mark.parametrize("mode", ["lora", "lora_all"])
+def test_lora_rank_matched_to_s2ft_count(cfg, mode):
+    b = ts.setup_mode(mode, cfg, "cpu")
+    info = b.info
+    target = _expected_s2ft_count(cfg)
+    assert info["s2ft_count_matched"] == target
+    assert info["trainable_params"] == info["lora_rank"] * info["lora_params_per_rank"]
+    # The rank is the nearest to the S²FT count (or 1 when even rank 1 trains more).
+    assert abs(info["trainable_params"] - target) <= info["lora_params_per_rank"] / 2 or info["lora_rank"] == 1
+    names = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in b.model.named_parameters() if p.requires_grad}
+    expected = set(ts.LORA_TARGETS) | ({"o_proj", "gate_proj"} if mode == "lora_all" else set())
+    assert names == expected
+
+
+def test_suite_writes_json_table_and_plot(cfg, tmp_path):
+    c = dict(cfg, modes=["frozen", "s2ft", "lora"], seqs=[8, 16])
+    seen = []
+    runs = ts.run_suite(c, isolate=False, on_result=lambda r: seen.append(len(r)), log=lambda s: None)
+    assert seen == [2, 4, 6]  # partial results are offered after each mode
+    assert [(r["mode"], r["seq"]) for r in runs] == [(m, s) for m in c["modes"] for s in (8, 16)]
+    path = rp.write_json(rp.result_document(c, runs, "off"), tmp_path / "train-tiny.json")
+    doc = json.loads(path.read_text())
+    assert doc["suite"] == "train" and doc["schema_version"] == rp.SCHEMA_VERSION
+    assert doc["machine"]["cpu"] and doc["machine"]["cpu_count"] >= 1
+    assert {"torch", "transformers", "peft", "triton"} <= set(doc["versions"])
+    assert doc["git"]["commit"]
+    assert doc["config"]["name"] == "tiny"
+    for r in doc["runs"]:
+        assert r["status"] == "ok", r.get("error")
+        for k in (
+            "mode",
+            "compiled",
+            "seq",
+            "step_ms",
+            "step_ms_all",
+            "tokens_per_s",
+            "peak_mib",
+            "trainable_params",
+        ):
+            assert k in r
+        assert len(r["step_ms_all"]) == len(r["cpu_ms_all"]) == c["steps"] and r["cpu_ms"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (r["step_ms"] / 1e3), rel=1e-2)
+    assert all({"target", "value", "limit", "passed"} <= set(t) for t in doc["targets"])
+    table = rp.markdown_table(doc["runs"]).splitlines()
+    assert len(table) == 2 + len(runs) and "x frozen" in table[0]
+    pngs = plots.plot_file(path, tmp_path / "png")
+    assert [p.name for p in pngs] == ["train-tiny.png", "train-tiny-growth.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_isolated_run_reports_fresh_process_rss(cfg):
+    r = ts.run_isolated("frozen", cfg, False, 8, "cpu", timeout_s=240)
+    assert r["status"] == "ok", r.get("error")
+    assert r["peak_mib"] >= r["rss_after_build_mib"] >= r["rss_start_mib"] > 0
+    assert r["peak_over_build_mib"] == pytest.approx(r["peak_mib"] - r["rss_after_build_mib"], abs=0.2)
+
+
+def _run(mode, ms, peak, compiled=False, seq=512, **kw):
+    return dict(mode=mode, compiled=compiled, seq=seq, tokens=seq, status="ok", step_ms=ms, peak_mib=peak, **kw)
+
+
+def test_targets_are_data_with_pass_fail_and_missing():
+    cpu = ts.get_config("cpu-small")
+    runs = [
+        _run(m, 9, peak, cpu_ms=ms)
+        for m, ms, peak in (("frozen", 100, 1000), ("s2ft", 105, 700), ("lora", 200, 1000), ("full", 150, 2000))
+    ]
+    t = {x["target"]: x for x in rp.evaluate_targets(cpu, runs)}
+    assert t["s2ft step CPU time / frozen's (eager)"]["value"] == pytest.approx(1.05)
+    assert t["s2ft step CPU time / frozen's (eager)"]["passed"] is True
+    assert t["s2ft step CPU time / full's (eager)"]["passed"] is False  # 0.7 > 0.6
+    assert t["s2ft step wall time / full's (eager)"]["value"] == 1.0  # wall ratios: info only
+    assert t["s2ft step wall time / full's (eager)"]["passed"] is None
+    assert t["s2ft peak RSS / lora peak RSS (eager)"]["passed"] is True
+    gpu = ts.get_config("gpu-7b")
+    runs = [_run("frozen", 90, 15000), _run("s2ft", 95, 15400, trainable_bytes=60 * 2**20)]
+    runs += [_run("frozen", 36, 14000, True), _run("s2ft", 40, 14500, True)]  # no compiled LoRA run
+    t = {x["target"]: x for x in rp.evaluate_targets(gpu, runs)}
+    assert t["s2ft step / frozen step (compiled)"]["passed"] is True
+    assert t["s2ft step / lora step (compiled)"]["passed"] is None
+    mem = next(v for k, v in t.items() if k.startswith("s2ft peak <="))
+    assert mem["passed"] is True and mem["limit"] == "<= 15496"  # 15000 + 4*60 + 256
+
+
+def test_sweep_target_compares_memory_slopes():
+    sweep = ts.get_config("sweep")
+    runs = [_run("frozen", 1, 1000 + 2 * s, seq=s) for s in (512, 1024, 2048)]
+    runs += [_run("s2ft", 1, 1200 + 2.04 * s, seq=s) for s in (512, 1024, 2048)]
+    runs += [_run("lora", 1, 1300 + 3 * s, seq=s) for s in (512, 1024, 2048)]
+    t = rp.evaluate_targets(sweep, runs)
+    assert t[0]["value"] == pytest.approx(1.02) and t[0]["passed"] is True
+    assert t[1]["value"] == pytest.approx(0.68)
+
+
+def test_combine_rounds_keeps_fastest_and_median_peak():
+    rounds = [_run("s2ft", 12, 700), _run("s2ft", 10, 720), dict(_run("s2ft", 1, 1), status="error")]
+    best = ts.combine_rounds(rounds)
+    assert best["step_ms"] == 10 and best["peak_mib"] == 710 and best["rounds"] == 3
+    by_cpu = ts.combine_rounds([_run("s2ft", 12, 700, cpu_ms=5), _run("s2ft", 10, 720, cpu_ms=6)])
+    assert by_cpu["cpu_ms"] == 5 and by_cpu["step_ms"] == 10  # each time from its least disturbed round
+    assert by_cpu["tokens_per_s"] == pytest.approx(by_cpu["tokens"] / 0.010)
+
+
+def test_bad_inputs_raise_clear_errors(cfg, monkeypatch):
+    with pytest.raises(ValueError, match="unknown benchmark config 'nope'"):
+        ts.get_config("nope")
+    with pytest.raises(ValueError, match="unknown mode"):
+        ts.get_config("tiny", modes=["frozen", "dora"])
+    with pytest.raises(ValueError, match="unknown config override"):
+        ts.get_config("tiny", stepz=3)
+    with pytest.raises(ValueError, match="unknown mode"):
+        ts.setup_mode("dora", cfg, "cpu")
+    with pytest.raises(ValueError, match="compile_mode"):
+        ts.run_suite(cfg, "sometimes")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        ts.run_suite(ts.get_config("gpu-7b"))
+
+
+def test_cli_rejects_unknown_config_and_empty_plot(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    with pytest.raises(SystemExit):
+        bench.main(["train", "--config", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"suite": "serve"}))
+    with pytest.raises(ValueError, match="not a train result"):
+        bench.main(["plot", str(bad)])
+
+
+def test_adapter_targets_from_bench_adapters_results():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    (sw,) = bench.adapter_targets("switch", {"s2ft_switch_ms": 2.0, "peft_switch_ms": 12.0})
+    assert sw["value"] == 6.0 and sw["passed"] is True
+    serve = {"serving": {"seq": 128, "s2ft_over_base": 1.2, "peft_over_base": 1.5}}
+    got = bench.adapter_targets("serve", serve)
+    assert [t["passed"] for t in got] == [False, None] and got[0]["value"] == 1.2

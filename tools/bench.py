@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Benchmarks CLI: ``train`` (step time / memory per mode), ``switch`` and ``serve`` (adapters), ``plot``.
+
+Examples::
+
+    python tools/bench.py train --config cpu-small              # eager, fresh process per mode
+    python tools/bench.py train --config cpu-small --compile    # eager and torch.compile
+    python tools/bench.py train --config gpu-7b --compile       # on an H100
+    python tools/bench.py train --config sweep                  # 7B at 512..4096 tokens
+    python tools/bench.py plot                                  # PNGs next to benchmarks/results/*.json
+    python tools/bench.py switch | serve [args passed to tools/bench_adapters.py]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package
+
+from benchmarks import report as rp  # noqa: E402
+from benchmarks import train_suite as ts  # noqa: E402
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="training step time and peak memory per mode")
+    p.add_argument("--config", required=True, choices=sorted(ts.CONFIGS), help="benchmark config")
+    p.add_argument("--modes", nargs="+", choices=ts.MODES, help="subset of modes (default: the config's)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--compile", action="store_true", help="also run every mode under torch.compile")
+    g.add_argument("--compile-only", action="store_true", help="run only the torch.compile variants")
+    p.add_argument(
+        "--compile-scope",
+        choices=("layers", "model"),
+        default="layers",
+        help="compile each decoder layer (default) or the whole model",
+    )
+    p.add_argument("--steps", type=int, help="timed steps per run (median reported; >= 10 for real numbers)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps")
+    p.add_argument("--batch", type=int, help="override batch size")
+    p.add_argument("--seq", type=int, nargs="+", help="override sequence length(s)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds per mode, interleaved; keeps the fastest")
+    p.add_argument("--slices", choices=("auto", "planner", "hand"), help="S²FT block selection source")
+    p.add_argument("--master-dtype", choices=("auto", "float32", "bfloat16"), help="S²FT block dtype")
+    p.add_argument("--timeout", type=float, help="per-run timeout (s) of isolated eager runs")
+    p.add_argument("--compile-timeout", type=float, help="per-run timeout (s) of isolated compiled runs")
+    iso = p.add_mutually_exclusive_group()
+    iso.add_argument(
+        "--isolate",
+        dest="isolate",
+        action="store_true",
+        default=None,
+        help="fresh subprocess per run (default on CPU: peak RSS is per mode)",
+    )
+    iso.add_argument("--no-isolate", dest="isolate", action="store_false", help="all runs in this process")
+    p.add_argument("--device", help="override the config's device (cpu|cuda)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads per run (cpu-small default: 1)")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/train-<config>.json)")
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    cfg = ts.get_config(
+        a.config,
+        modes=a.modes,
+        steps=a.steps,
+        warmup=a.warmup,
+        batch=a.batch,
+        seqs=a.seq,
+        slices=a.slices,
+        master_dtype=a.master_dtype,
+        timeout_s=a.timeout,
+        compile_timeout_s=a.compile_timeout,
+        compile_scope=a.compile_scope,
+        device=a.device,
+        threads=a.threads,
+    )
+    if cfg["steps"] < 1 or cfg["warmup"] < 0:
+        raise SystemExit(f"--steps must be >= 1 and --warmup >= 0 (got {cfg['steps']}, {cfg['warmup']})")
+    compile_mode = "only" if a.compile_only else "both" if a.compile else "off"
+    out = Path(a.out) if a.out else rp.default_out(a.config)
+
+    def save(runs: list[dict[str, Any]]) -> None:
+        rp.write_json(rp.result_document(cfg, runs, compile_mode, {"partial": True}), out)
+
+    print(f"[bench] train config={a.config} compile={compile_mode} modes={cfg['modes']} seqs={cfg['seqs']}")
+    try:
+        runs = ts.run_suite(cfg, compile_mode, isolate=a.isolate, repeat=a.repeat, on_result=save)
+    except RuntimeError as e:
+        print(f"[bench] error: {e}", file=sys.stderr)
+        return 2
+    doc = rp.result_document(cfg, runs, compile_mode)
+    rp.write_json(doc, out)
+    m = doc["machine"]
+    where = m.get("gpu") or f"{m['cpu']} ({m['cpu_count']} cores)"
+    v, commit = doc["versions"], doc["git"]["commit"]
+    print(f"\n### train {a.config} on {where}, torch {v['torch']}, commit {commit}\n")
+    print(rp.markdown_table(runs))
+    print()
+    print(rp.targets_table(doc["targets"]))
+    print(f"\n[bench] wrote {out}")
+    return 0 if all(r["status"] == "ok" for r in runs) else 1
+
+
+def cmd_plot(a: argparse.Namespace) -> int:
+    from benchmarks import plots
+
+    files = [Path(f) for f in a.inputs] if a.inputs else sorted((REPO / "benchmarks/results").glob("train-*.json"))
+    if not files:
+        print("[bench] no train-*.json results to plot; run `tools/bench.py train` first", file=sys.stderr)
+        return 2
+    for f in files:
+        for png in plots.plot_file(f, a.outdir):
+            print(f"[bench] wrote {png}")
+    return 0
+
+
+def _load_bench_adapters() -> Any:
+    path = REPO / "tools" / "bench_adapters.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("bench_adapters", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def adapter_targets(suite: str, part: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's adapter targets: switch >= 5x faster than PEFT's; 8-adapter forward <= 1.1x base."""
+    if suite == "switch":
+        v = part["peft_switch_ms"] / part["s2ft_switch_ms"] if part.get("s2ft_switch_ms") else None
+        t = {"target": "PEFT LoRA switch time / S2FT switch time", "limit": ">= 5"}
+        return [dict(t, value=None if v is None else round(v, 2), passed=None if v is None else bool(v >= 5))]
+    out = []
+    for name, sv in part.items():  # "serving" (full sequences) and, when present, "serving_seq1" (decode)
+        tag = f"{name}, seq {sv.get('seq')}"
+        v = sv.get("s2ft_over_base")
+        t = {"target": f"S2FT 8-adapter mixed batch forward / base forward ({tag})", "limit": "<= 1.1"}
+        out.append(dict(t, value=None if v is None else round(v, 3), passed=None if v is None else bool(v <= 1.1)))
+        if sv.get("peft_over_base") is not None:
+            out.append(
+                {
+                    "target": f"PEFT mixed batch forward / base forward ({tag}, info)",
+                    "value": round(sv["peft_over_base"], 3),
+                    "limit": None,
+                    "passed": None,
+                }
+            )
+    return out
+
+
+def cmd_adapters(suite: str, rest: list[str]) -> int:
+    """Run tools/bench_adapters.py (owned by the adapters work) and save its ``suite`` part with targets."""
+    import tempfile
+
+    from benchmarks import sysinfo
+
+    mod = _load_bench_adapters()
+    if mod is None or not callable(getattr(mod, "main", None)):
+        print(f"[bench] {suite}: tools/bench_adapters.py with main(argv) is missing; not available", file=sys.stderr)
+        return 2
+    out = None
+    if "--out" in rest:  # our --out names this suite's JSON; bench_adapters writes its own file to a temp dir
+        i = rest.index("--out")
+        out, rest = Path(rest[i + 1]), rest[:i] + rest[i + 2 :]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = mod.main([*rest, "--out", str(Path(tmp) / "adapters.json")])
+    keys = ["switch"] if suite == "switch" else ["serving", "serving_seq1"]
+    if not isinstance(result, dict) or keys[0] not in result:
+        print(f"[bench] {suite}: bench_adapters.main returned no {keys[0]!r} result", file=sys.stderr)
+        return 2
+    part = result["switch"] if suite == "switch" else {k: result[k] for k in keys if k in result}
+    device = str(result.get("config", {}).get("device", "cpu")).split(":")[0]
+    doc = {"suite": suite, "schema_version": rp.SCHEMA_VERSION, **sysinfo.describe()}
+    doc.update(config=result.get("config"), result=part, targets=adapter_targets(suite, part))
+    out = out or REPO / "benchmarks" / "results" / f"{suite}-{device}.json"
+    rp.write_json(doc, out)
+    print()
+    print(rp.targets_table(doc["targets"]))
+    print(f"[bench] wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("switch", "serve"):
+        return cmd_adapters(argv[0], argv[1:])
+    ap = argparse.ArgumentParser(
+        prog="tools/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="suite", required=True)
+    _train_parser(sub)
+    pp = sub.add_parser("plot", help="PNG plots from train-*.json results")
+    pp.add_argument("inputs", nargs="*", help="result JSON files (default: benchmarks/results/train-*.json)")
+    pp.add_argument("--outdir", help="where to write PNGs (default: next to each JSON)")
+    sub.add_parser("switch", help="adapter switch time: S²FT vs PEFT LoRA (tools/bench_adapters.py)")
+    sub.add_parser("serve", help="multi-adapter batched forward (tools/bench_adapters.py)")
+    a = ap.parse_args(argv)
+    if a.suite == "train":
+        return cmd_train(a)
+    return cmd_plot(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
