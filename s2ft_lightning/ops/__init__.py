@@ -1,0 +1,99 @@
+"""Partial-backprop ops and the one dispatch point choosing Triton kernels or the torch reference.
+
+``S2FT_KERNELS`` = ``auto`` (default: Triton for CUDA tensors, or on CPU when ``TRITON_INTERPRET=1``
+and triton imports), ``triton`` (force; error if triton is missing) or ``torch`` (reference only).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .partial_linear import (
+    PartialLinearFn,
+    Spec,
+    gather_runs,
+    partial_linear_autograd,
+    reference_block_grads,
+    tn_matmul_torch,
+)
+
+__all__ = [
+    "PartialLinearFn",
+    "Spec",
+    "backend_for",
+    "gather_runs",
+    "kernel_mode",
+    "partial_linear",
+    "reference_block_grads",
+    "tn_matmul_torch",
+    "triton_available",
+]
+
+_MODES = ("auto", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when triton imports (the interpreter needs no GPU)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def kernel_mode() -> str:
+    """The ``S2FT_KERNELS`` setting, validated."""
+    mode = os.environ.get("S2FT_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"S2FT_KERNELS={mode!r} is not one of {_MODES}; unset it or pick one of those")
+    return mode
+
+
+def backend_for(device: torch.device | str) -> str:
+    """``"triton"`` or ``"torch"`` for tensors on ``device``, following ``S2FT_KERNELS``."""
+    mode = kernel_mode()
+    dev = torch.device(device).type
+    if mode == "torch":
+        return "torch"
+    if mode == "triton":
+        if not triton_available():
+            raise RuntimeError("S2FT_KERNELS=triton but triton cannot be imported; install triton or unset it")
+        if dev != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"S2FT_KERNELS=triton on {dev} tensors needs TRITON_INTERPRET=1 (set before importing triton)"
+            )
+        return "triton"
+    if triton_available() and (dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        return "triton"
+    return "torch"
+
+
+def partial_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    blocks: Sequence[torch.Tensor],
+    specs: Sequence[Spec],
+    *,
+    transposed: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, W, b)`` whose backward gives grads to ``blocks`` (and ``x``) only.
+
+    ``weight`` must already hold the block values at the block positions (see ``layers``); ``specs[i]``
+    is ``(feature, runs)`` of ``blocks[i]`` in the logical ``[out, in]`` orientation; ``transposed``
+    marks a Conv1D weight stored ``[in, out]``. ``backend`` overrides the dispatch ("torch"/"triton").
+    """
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("partial_linear needs a frozen weight and bias (requires_grad=False); only blocks train")
+    if len(blocks) != len(specs):
+        raise ValueError(f"got {len(blocks)} blocks but {len(specs)} specs; pass one spec per block")
+    # Under torch.compile the torch path is traced (inductor fuses it); Triton wrappers stay eager-only.
+    be = "torch" if torch.compiler.is_compiling() else (backend or backend_for(x.device))
+    return partial_linear_autograd(x, weight, bias, blocks, specs, transposed, be)

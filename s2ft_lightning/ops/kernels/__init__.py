@@ -1,0 +1,1 @@
+"""Triton kernels (each file: kernels + their Python wrapper). Import lazily: triton is optional."""

@@ -1,0 +1,169 @@
+"""Partial-backprop op (torch reference path): outputs and every gradient vs full-weight autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from s2ft_lightning.ops import backend_for, gather_runs, kernel_mode, partial_linear, reference_block_grads
+
+SPECS = {
+    "cols": (("in", ((2, 5),)),),
+    "cols2": (("in", ((0, 3), (9, 11))),),
+    "rows": (("out", ((1, 4),)),),
+    "rows2": (("out", ((0, 2), (7, 10))),),
+    "both": (("in", ((4, 6),)), ("in", ((10, 12),))),
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def _blocks(weight, specs, dtype=None, transposed=False):
+    w = weight.t() if transposed else weight
+    return [
+        gather_runs(w, runs, dim=0 if f == "out" else 1).detach().to(dtype or w.dtype).clone().requires_grad_(True)
+        for f, runs in specs
+    ]
+
+
+def _check(x, weight, bias, specs, tol, transposed=False, master=None):
+    x = x.detach().requires_grad_(True)
+    blocks = _blocks(weight, specs, master, transposed)
+    y = partial_linear(x, weight, bias, blocks, specs, transposed=transposed)
+    w = weight.t() if transposed else weight
+    assert _rel(y, F.linear(x, w, bias)) <= tol
+    g = torch.randn_like(y)
+    y.backward(g)
+    gx, gbs = reference_block_grads(x, weight, bias, specs, g, transposed=transposed)
+    assert _rel(x.grad, gx) <= tol
+    for blk, ref in zip(blocks, gbs):
+        assert blk.grad.dtype == blk.dtype and blk.grad.shape == blk.shape
+        assert _rel(blk.grad, ref) <= tol
+    assert weight.grad is None
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+@pytest.mark.parametrize("lead", [(7,), (2, 5), (1, 3, 4)])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_fp32_matches_full_autograd(kind, lead, use_bias):
+    weight = torch.randn(13, 12)
+    bias = torch.randn(13) if use_bias else None
+    _check(torch.randn(*lead, 12), weight, bias, SPECS[kind], 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["cols2", "rows2"])
+@pytest.mark.parametrize("master", [None, torch.float32])
+def test_half_precision(dtype, kind, master):
+    weight = torch.randn(13, 12).to(dtype)
+    _check(torch.randn(3, 6, 12).to(dtype), weight, torch.randn(13).to(dtype), SPECS[kind], 1e-2, master=master)
+
+
+@pytest.mark.parametrize("kind", ["cols2", "rows"])
+def test_conv1d_transposed_storage(kind):
+    weight = torch.randn(12, 13)  # Conv1D stores [in, out]
+    _check(torch.randn(2, 5, 12), weight, torch.randn(13), SPECS[kind], 1e-5, transposed=True)
+
+
+def test_no_input_grad_skips_grad_input_and_weight():
+    weight = torch.randn(13, 12)
+    specs = SPECS["cols"]
+    blocks = _blocks(weight, specs)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = partial_linear(torch.randn(4, 12), weight, None, blocks, specs)
+    assert [tuple(t.shape) for t in saved] == [(4, 3)]  # only x[:, cols], no weight, no full x
+    y.sum().backward()
+    assert blocks[0].grad is not None
+
+
+def test_input_sliced_saves_only_k_columns():
+    weight = torch.randn(13, 12)
+    x = torch.randn(2, 6, 12, requires_grad=True)
+    for kind, expect in (("cols2", 2 * 6 * 5), ("rows", 2 * 6 * 12)):
+        saved = []
+        blocks = _blocks(weight, SPECS[kind])
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, s=saved: s.append(t) or t, lambda t: t):
+            partial_linear(x, weight, None, blocks, SPECS[kind])
+        acts = [t for t in saved if t is not weight]
+        # storage bytes: a view of x would pin all of x
+        assert sum(t.untyped_storage().nbytes() for t in acts) == expect * 4
+
+
+def test_autocast_bf16_cpu():
+    weight = torch.randn(13, 12)
+    specs = SPECS["cols2"]
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    blocks = _blocks(weight, specs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = partial_linear(x, weight, None, blocks, specs)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert blocks[0].grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    gx, gbs = reference_block_grads(x, weight, None, specs, torch.ones(2, 5, 13))
+    assert _rel(x.grad, gx) <= 2e-2 and _rel(blocks[0].grad, gbs[0]) <= 2e-2
+
+
+def test_non_reentrant_checkpoint():
+    weight = torch.randn(13, 12)
+    specs = SPECS["rows2"]
+    x = torch.randn(3, 12, requires_grad=True)
+    blocks = _blocks(weight, specs)
+    y = checkpoint(lambda t: partial_linear(t, weight, None, blocks, specs).tanh(), x, use_reentrant=False)
+    y.sum().backward()
+    ref = [b.grad.clone() for b in blocks] + [x.grad.clone()]
+    for t in [*blocks, x]:
+        t.grad = None
+    partial_linear(x, weight, None, blocks, specs).tanh().sum().backward()
+    for a, b in zip(ref, [*[b.grad for b in blocks], x.grad]):
+        assert torch.equal(a, b)
+
+
+def test_compile_fullgraph_no_graph_break():
+    weight = torch.randn(13, 12)
+    specs = SPECS["both"]
+    blocks = _blocks(weight, specs)
+    x = torch.randn(2, 3, 12, requires_grad=True)
+
+    def f(t):
+        return partial_linear(t, weight, None, blocks, specs, backend="torch").square().sum()
+
+    torch._dynamo.reset()
+    torch.compile(f, backend="aot_eager", fullgraph=True)(x).backward()
+    got = [b.grad.clone() for b in blocks] + [x.grad.clone()]
+    for t in [*blocks, x]:
+        t.grad = None
+    f(x).backward()
+    for a, b in zip(got, [*[b.grad for b in blocks], x.grad]):
+        assert _rel(a, b) <= 1e-6
+
+
+def test_dispatch(monkeypatch):
+    monkeypatch.setenv("S2FT_KERNELS", "torch")
+    assert kernel_mode() == "torch" and backend_for("cpu") == "torch"
+    monkeypatch.setenv("S2FT_KERNELS", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend_for("cpu") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backend_for("cpu") == "torch"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        monkeypatch.setenv("S2FT_KERNELS", "triton")
+        backend_for("cpu")
+    monkeypatch.setenv("S2FT_KERNELS", "fast")
+    with pytest.raises(ValueError, match="S2FT_KERNELS"):
+        kernel_mode()
+
+
+def test_bad_inputs():
+    weight = torch.randn(13, 12)
+    blocks = _blocks(weight, SPECS["cols"])
+    with pytest.raises(TypeError, match="autocast"):
+        partial_linear(torch.randn(2, 12, dtype=torch.float64), weight, None, blocks, SPECS["cols"])
+    with pytest.raises(ValueError, match="one spec per block"):
+        partial_linear(torch.randn(2, 12), weight, None, blocks, SPECS["both"])
+    with pytest.raises(ValueError, match="frozen"):
+        partial_linear(torch.randn(2, 12), weight.requires_grad_(True), None, blocks, SPECS["cols"])
