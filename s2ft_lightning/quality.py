@@ -1,0 +1,290 @@
+"""Pieces of the S²FT vs LoRA vs full fine-tuning quality study (tools/quality_study.py).
+
+One LightningModule with a ``method`` switch (so all arms share S2FTModule's data path, steps, optimizer and
+schedule), LoRA rank matching, and the forgetting metrics: BIG-bench general_knowledge multiple-choice accuracy
+by log-likelihood and perplexity on a held-out plain text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from s2ft_lightning.module import S2FTModule
+from s2ft_lightning.pipeline import S2Config
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+BIGBENCH_VERSION = "1.0.0"
+GK_MEMBER = "bigbench/benchmark_tasks/general_knowledge/task.json"
+BIGBENCH_CACHE = Path.home() / ".cache" / "s2ft-lightning" / "bigbench"
+# Held-out plain text: the Apache-2.0 license text shipped in an installed package's metadata. Nothing in the
+# study trains on it; its sha256 is recorded so runs on other machines can check they scored the same text.
+PPL_TEXT_SOURCES = (("transformers", "LICENSE"), ("peft", "LICENSE"), ("reasoning_gym", "LICENSE"))
+MC_PROMPT = "Q: {input}\nA:"
+
+Method = Literal["s2ft", "lora", "full"]
+
+
+# ---- trainable-count matching --------------------------------------------------------------------------------
+
+
+def s2ft_trainable_count(model: nn.Module, s2: S2Config) -> int:
+    """Weights S²FT would train on ``model`` with ``s2`` (plans the selection without touching the model)."""
+    from surgery.planner import make_plan
+
+    plan = make_plan(model, **s2.ratios(), strategy=s2.strategy, variant=s2.variant, seed=s2.seed)
+    mods = dict(model.named_modules())
+    total = 0
+    for s in plan.slices:
+        out_f, in_f = mods[s.module].weight.shape
+        total += s.numel_features * (out_f if s.feature == "in" else in_f)
+    return total
+
+
+def lora_rank_for(model: nn.Module, count: int, targets: Sequence[str] = LORA_TARGETS) -> tuple[int, int]:
+    """(rank, weights per unit of rank) so uniform-rank LoRA on ``targets`` trains the closest count to ``count``."""
+    mods = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    per_rank = sum(m.in_features + m.out_features for m in mods)
+    if per_rank == 0:
+        raise ValueError(f"no nn.Linear modules named {list(targets)} in the model; set lora.targets in the arm YAML")
+    return max(1, round(count / per_rank)), per_rank
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class QualityModule(S2FTModule):
+    """`S2FTModule` with ``method``: "s2ft" (its own surgery), "lora" (PEFT) or "full" (every weight).
+
+    ``lora_rank=0`` matches the trainable count of S²FT with ``s2`` on the same base (closest uniform rank).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        method: Method = "s2ft",
+        *,
+        lora_rank: int = 0,
+        lora_alpha_ratio: float = 2.0,
+        lora_targets: Sequence[str] = LORA_TARGETS,
+        **kwargs: Any,
+    ) -> None:
+        if method not in ("s2ft", "lora", "full"):
+            raise ValueError(f"method must be 's2ft', 'lora' or 'full', got {method!r}")
+        super().__init__(model, **kwargs)
+        self.method = method
+        self.lora_rank = lora_rank
+        self.lora_alpha_ratio = lora_alpha_ratio
+        self.lora_targets = list(lora_targets)
+        self.info: dict[str, Any] = {}
+
+    def configure_model(self) -> None:
+        if self.method == "s2ft":
+            super().configure_model()
+        elif self.model is None:
+            from s2ft_lightning.models import load_model
+
+            model, self.tokenizer = load_model(self.model_name, dtype=self.dtype_name)
+            if self.method == "full":
+                model.requires_grad_(True)
+            else:
+                from peft import LoraConfig, get_peft_model
+
+                rank = self.lora_rank
+                if rank <= 0:
+                    target = s2ft_trainable_count(model, self.s2)
+                    rank, _ = lora_rank_for(model, target, self.lora_targets)
+                    self.info["s2ft_count_matched"] = target
+                cfg = LoraConfig(
+                    r=rank,
+                    lora_alpha=self.lora_alpha_ratio * rank,
+                    lora_dropout=0.0,
+                    target_modules=self.lora_targets,
+                    bias="none",
+                )
+                model = get_peft_model(model, cfg)
+                self.info["lora_rank"] = rank
+            self.model = model
+            self.model.train()
+        self.info["trainable_params"] = trainable_count(self.model)
+        self.info["total_params"] = sum(p.numel() for p in self.model.parameters())
+
+
+# ---- BIG-bench general_knowledge ------------------------------------------------------------------------------
+
+
+def fetch_bigbench_sdist(dest: Path = BIGBENCH_CACHE) -> Path:
+    """Download the bigbench sdist (358 MB; nothing installed) with ``pip download --no-deps`` into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest), f"bigbench=={BIGBENCH_VERSION}"]
+    proc = subprocess.run(cmd)
+    # pip may fail after the download while preparing the sdist's metadata; the archive is all we need.
+    found = sorted(dest.glob(f"bigbench-{BIGBENCH_VERSION}.tar.gz"))
+    if not found:
+        raise FileNotFoundError(
+            f"`{' '.join(cmd)}` exited with {proc.returncode} and left no bigbench-{BIGBENCH_VERSION}.tar.gz "
+            f"in {dest}; download it by hand and pass --bigbench <path>"
+        )
+    return found[0]
+
+
+def extract_general_knowledge(sdist: Path, dest: Path = BIGBENCH_CACHE) -> Path:
+    """Extract general_knowledge/task.json from a bigbench sdist once (cached next to ``dest``)."""
+    out = dest / "general_knowledge_task.json"
+    if out.is_file():
+        return out
+    with tarfile.open(sdist, "r:*") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(GK_MEMBER):
+                data = tar.extractfile(member).read()
+                break
+        else:
+            raise FileNotFoundError(f"{sdist} has no member ending in {GK_MEMBER}; is it the bigbench sdist?")
+    dest.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    return out
+
+
+def load_general_knowledge(source: str | Path | None, cache: Path = BIGBENCH_CACHE) -> tuple[list[dict], dict]:
+    """(items, info) for general_knowledge from a task.json, a bigbench sdist, or the cache.
+
+    When nothing is found, items is empty and ``info["skip_reason"]`` says why and how to provide it: the
+    study records that in its results instead of silently dropping the metric.
+    """
+    path = Path(source).expanduser() if source else cache / "general_knowledge_task.json"
+    if not path.is_file():
+        reason = (
+            f"BIG-bench general_knowledge not available ({path} does not exist); pass --bigbench "
+            f"<bigbench-{BIGBENCH_VERSION}.tar.gz or task.json> or --fetch-bigbench (downloads 358 MB)"
+        )
+        return [], {"path": str(path), "skip_reason": reason, "n": 0}
+    if path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        path = extract_general_knowledge(path, cache)
+    raw = path.read_bytes()
+    task = json.loads(raw)
+    items = [
+        {"input": e["input"], "choices": list(e["target_scores"]), "scores": list(e["target_scores"].values())}
+        for e in task.get("examples", [])
+        if e.get("target_scores")
+    ]
+    if not items:
+        raise ValueError(f"{path} has no multiple-choice examples (examples[].target_scores); wrong file?")
+    info = {"path": str(path), "sha256": hashlib.sha256(raw).hexdigest(), "n": len(items), "skip_reason": None}
+    return items, info
+
+
+@torch.no_grad()
+def choice_logprobs(model: Any, tokenizer: Any, prompt: str, choices: Sequence[str]) -> list[float]:
+    """Sum of log p(choice tokens | prompt) for each choice (one right-padded batch)."""
+    p_ids = tokenizer(prompt)["input_ids"]
+    rows = [p_ids + tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in choices]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    device = next(model.parameters()).device
+    logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
+    out = []
+    for i, r in enumerate(rows):
+        pos = torch.arange(len(p_ids), len(r))
+        out.append(float(logp[i, pos - 1, ids[i, pos]].sum()))
+    return out
+
+
+def multiple_choice_accuracy(model: Any, tokenizer: Any, items: Sequence[dict]) -> float:
+    """Fraction of items whose highest-likelihood choice has the top target score (evaluation only)."""
+    was_training = model.training
+    model.eval()
+    try:
+        correct = 0
+        for item in items:
+            lp = choice_logprobs(model, tokenizer, MC_PROMPT.format(input=item["input"]), item["choices"])
+            best = max(range(len(lp)), key=lp.__getitem__)
+            correct += item["scores"][best] == max(item["scores"])
+    finally:
+        model.train(was_training)
+    return correct / len(items)
+
+
+# ---- held-out plain-text perplexity ---------------------------------------------------------------------------
+
+
+def heldout_text(sources: Sequence[tuple[str, str]] = PPL_TEXT_SOURCES) -> tuple[str, dict]:
+    """The first license file found among ``sources`` (package, file name) and its provenance."""
+    for package, name in sources:
+        try:
+            dist = md.distribution(package)
+        except md.PackageNotFoundError:
+            continue
+        for f in dist.files or []:
+            if f.name == name:
+                text = Path(dist.locate_file(f)).read_text(encoding="utf-8")
+                sha = hashlib.sha256(text.encode()).hexdigest()
+                return text, {"source": f"{package} {dist.version}: {f}", "sha256": sha, "chars": len(text)}
+    raise FileNotFoundError(f"none of {list(sources)} ships a license file; pass another held-out text source")
+
+
+@torch.no_grad()
+def perplexity(model: Any, tokenizer: Any, text: str, *, window: int = 256, max_tokens: int = 4096) -> float:
+    """exp(mean next-token NLL) over the text's first ``max_tokens`` tokens, in independent windows."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("held-out text has fewer than 2 tokens")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    try:
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start : start + window + 1]], device=device)
+            if chunk.shape[1] < 2:
+                break
+            logits = model(input_ids=chunk[:, :-1]).logits.float()
+            loss = nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
+            nll += float(loss)
+            count += chunk.shape[1] - 1
+    finally:
+        model.train(was_training)
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def answer_loss(model: Any, loader: Any) -> float:
+    """Mean answer-token loss over a loader of labelled batches (the lr-selection tie-breaker)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    try:
+        for batch in loader:
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            out = model(**{k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")})
+            total += float(out.loss) * tokens
+            n += tokens
+    finally:
+        model.train(was_training)
+    return total / max(n, 1)
+
+
+# ---- statistics -------------------------------------------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
+    """Mean and sample standard deviation (n−1) of the non-missing values; std is None for fewer than 2."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}

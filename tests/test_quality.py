@@ -1,0 +1,213 @@
+"""The quality-study tooling: smoke pipeline on a tiny model, LoRA count matching, report, forgetting metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import statistics
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from s2ft_lightning.models import load_model
+from s2ft_lightning.pipeline import S2Config
+from s2ft_lightning.quality import (
+    GK_MEMBER,
+    QualityModule,
+    choice_logprobs,
+    heldout_text,
+    load_general_knowledge,
+    lora_rank_for,
+    multiple_choice_accuracy,
+    perplexity,
+    s2ft_trainable_count,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_tokenizer import save_tiny_llama  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("quality_study", ROOT / "tools" / "quality_study.py")
+qs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(qs)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+def test_smoke_pipeline_runs_all_arms_and_records_bigbench_skip(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "no_bigbench.json"
+    argv = ["run", "--smoke", "--in-process", "--model", str(tiny), "--out", str(out), "--bigbench", str(missing)]
+    assert qs.main([*argv, "--lr-grid", "1e-3", "3e-3"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["schema"] == qs.SCHEMA and res["smoke"] is True
+    assert set(res["arms"]) == {"s2ft", "lora", "full"}
+    skip = res["settings"]["general_knowledge"]["skip_reason"]
+    assert str(missing) in skip and "--fetch-bigbench" in skip
+    assert res["base"]["gk_acc"] is None and res["base"]["ppl"] > 1
+    assert res["settings"]["held_out_text"]["sha256"] == heldout_text()[1]["sha256"]
+    for arm in res["arms"].values():
+        assert [g["lr"] for g in arm["lr_grid"]] == [1e-3, 3e-3]
+        best = max(arm["lr_grid"], key=lambda g: (g["val_em"], -g["val_loss"]))
+        assert arm["selected_lr"] == best["lr"]
+        (run,) = arm["runs"]
+        assert run["seed"] == 0 and run["lr"] == arm["selected_lr"]
+        assert run["gk_acc"] is None and run["gk_delta"] is None
+        assert run["ppl_delta"] == pytest.approx(run["ppl"] - res["base"]["ppl"])
+        assert 0 <= run["test_em"] <= 1 and run["train_seconds"] > 0 and run["peak_rss_mib"] > 0
+        assert run["trainable_params"] > 0 and arm["summary"]["test_em"]["n"] == 1
+    full = res["arms"]["full"]["runs"][0]
+    assert full["trainable_params"] == full["total_params"]
+    assert res["arms"]["s2ft"]["runs"][0]["trainable_params"] < full["trainable_params"] / 10
+    assert res["arms"]["lora"]["runs"][0]["lora_rank"] >= 1
+    md = (out / "results.md").read_text()
+    assert "General-knowledge forgetting skipped" in md and "| s2ft |" in md and "not comparable" in md
+    assert (out / "results.png").stat().st_size > 1000
+    jobs = sorted(p.name for p in (out / "jobs").iterdir())
+    assert jobs == sorted(["base"] + [f"{a}_lr{lr}_s0" for a in ("s2ft", "lora", "full") for lr in ("0.001", "0.003")])
+    # A rerun with the same specs reuses every finished job instead of training again.
+    capsys.readouterr()
+    assert qs.main([*argv, "--lr-grid", "1e-3", "3e-3"]) == 0
+    assert capsys.readouterr().out.count("reusing") == len(jobs)
+    assert json.loads((out / "results.json").read_text())["arms"] == res["arms"]
+
+
+def test_lora_rank_matches_s2ft_trainable_count(tiny):
+    s2 = S2Config(o_ratio=0.25, d_ratio=0.22, seed=0)
+    model, _ = load_model(tiny)
+    count = s2ft_trainable_count(model, s2)
+    rank, per_rank = lora_rank_for(model, count)
+    # The closest uniform rank: no other rank is nearer to the S²FT count.
+    assert all(abs(rank * per_rank - count) <= abs(r * per_rank - count) for r in range(1, 3 * rank + 2))
+    s2ft = QualityModule(str(tiny), "s2ft", s2=s2)
+    s2ft.configure_model()
+    assert s2ft.info["trainable_params"] == count  # the planned count is what S²FT actually trains
+    lora = QualityModule(str(tiny), "lora", s2=s2)
+    lora.configure_model()
+    assert lora.info["lora_rank"] == rank and lora.info["s2ft_count_matched"] == count
+    assert abs(lora.info["trainable_params"] - count) / count <= 0.05
+    fixed = QualityModule(str(tiny), "lora", s2=s2, lora_rank=3)
+    fixed.configure_model()
+    assert fixed.info["trainable_params"] == 3 * per_rank
+
+
+def _fabricated_results(values: dict[str, list[float]]) -> dict:
+    runs = {
+        arm: [
+            {"seed": i, "test_em": v, "gk_delta": v / 10, "ppl": 10 + v, "ppl_delta": v, "train_seconds": 5.0}
+            | {"peak_rss_mib": 100.0, "trainable_params": 1000}
+            for i, v in enumerate(vals)
+        ]
+        for arm, vals in values.items()
+    }
+    return {
+        "schema": qs.SCHEMA,
+        "settings": {
+            "model": "m",
+            "task": "t",
+            "steps": 2,
+            "batch_size": 1,
+            "seeds": [0, 1],
+            "general_knowledge": {"skip_reason": None},
+            "held_out_text": {"source": "x", "sha256": "0" * 64, "max_tokens": 5},
+        },
+        "base": {"test_em": 0.1, "gk_acc": 0.5, "ppl": 10.0},
+        "arms": {
+            arm: {"selected_lr": 1e-3, "lr_grid": [{"lr": 1e-3, "val_em": 0.5, "val_loss": 1.0}], "runs": r}
+            for arm, r in runs.items()
+        },
+    }
+
+
+def test_report_renders_mean_and_sample_std(tmp_path):
+    values = {"s2ft": [0.5, 0.7], "lora": [0.2, 0.3, 0.4]}
+    results = _fabricated_results(values)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    md = qs.write_report(tmp_path)
+    for arm, xs in values.items():
+        row = next(line for line in md.splitlines() if line.startswith(f"| {arm} |"))
+        em = f"{100 * statistics.fmean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+        assert em in row
+        assert f"{statistics.fmean(xs):+.2f} ± {statistics.stdev(xs):.2f}" in row  # ppl Δ column
+    a, b = values["s2ft"], values["lora"]
+    diff = 100 * (statistics.fmean(a) - statistics.fmean(b))
+    se = 100 * (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+    assert f"| lora | {diff:+.2f} (SE {se:.2f}; " in md
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="schema"):
+        qs.markdown({**results, "schema": "other"})
+
+
+def _sdist(path: Path, task: dict | None) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        name, data = ("bigbench-1.0.0/setup.py", b"") if task is None else (GK_MEMBER, json.dumps(task).encode())
+        info = tarfile.TarInfo(f"bigbench-1.0.0/{name}" if task is not None else name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_general_knowledge_from_sdist_scores_choices_by_loglikelihood(tiny, tmp_path):
+    task = {
+        "canary": "do not train",
+        "examples": [
+            {"input": "How many legs do horses have?", "target_scores": {"two": 0, "four": 1, "six": 0}},
+            {"input": "What is the capital of France?", "target_scores": {"Paris": 1, "Rome": 0}},
+        ],
+    }
+    items, info = load_general_knowledge(_sdist(tmp_path / "bb.tar.gz", task), cache=tmp_path / "cache")
+    assert info["skip_reason"] is None and info["n"] == 2 and items[0]["choices"] == ["two", "four", "six"]
+    model, tok = load_model(tiny)
+    prompt = "Q: How many legs do horses have?\nA:"
+    batched = choice_logprobs(model, tok, prompt, items[0]["choices"])
+    for choice, lp in zip(items[0]["choices"], batched):  # padding must not change any choice's score
+        p = tok(prompt)["input_ids"]
+        ids = torch.tensor([p + tok(" " + choice, add_special_tokens=False)["input_ids"]])
+        logp = model(input_ids=ids).logits.detach().log_softmax(-1)[0]
+        assert lp == pytest.approx(float(sum(logp[i - 1, ids[0, i]] for i in range(len(p), ids.shape[1]))), abs=1e-4)
+    expected = []
+    for item in items:
+        lps = choice_logprobs(model, tok, f"Q: {item['input']}\nA:", item["choices"])
+        expected.append(item["scores"][lps.index(max(lps))] == 1)
+    assert multiple_choice_accuracy(model, tok, items) == sum(expected) / len(items)
+    with pytest.raises(FileNotFoundError, match="general_knowledge"):
+        load_general_knowledge(_sdist(tmp_path / "other.tar.gz", None), cache=tmp_path / "cache2")
+
+
+def test_perplexity_matches_the_model_loss_on_one_window(tiny):
+    model, tok = load_model(tiny)
+    text, info = heldout_text()
+    assert "Apache" in text and len(info["sha256"]) == 64
+    ids = tok(text, add_special_tokens=False)["input_ids"][:33]
+    loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.detach()
+    assert perplexity(model, tok, text, window=32, max_tokens=33) == pytest.approx(float(loss.exp()), rel=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="method must be"):
+        QualityModule("x", "adapters")
+    with pytest.raises(FileNotFoundError, match="study.yaml"):
+        qs.load_configs(tmp_path, ["s2ft"], smoke=False)
+    with pytest.raises(FileNotFoundError, match="no config for arm 'lora'"):
+        qs.load_configs(_configs_without(tmp_path, "lora"), ["lora"], smoke=False)
+    with pytest.raises(SystemExit):
+        qs.main(["run", "--steps", "0", "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="run `python tools/quality_study.py run"):
+        qs.main(["report", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def _configs_without(tmp_path: Path, arm: str) -> Path:
+    d = tmp_path / "cfg"
+    d.mkdir()
+    for f in (ROOT / "configs" / "quality").glob("*.yaml"):
+        if f.stem != arm:
+            (d / f.name).write_text(f.read_text())
+    return d
