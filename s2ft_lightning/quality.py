@@ -11,10 +11,13 @@ import hashlib
 import importlib.metadata as md
 import json
 import math
+import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -127,18 +130,32 @@ class QualityModule(S2FTModule):
 
 
 def fetch_bigbench_sdist(dest: Path = BIGBENCH_CACHE) -> Path:
-    """Download the bigbench sdist (358 MB; nothing installed) with ``pip download --no-deps`` into ``dest``."""
+    """Fetch bigbench 1.0.0 (358 MB; nothing installed) with ``pip download --no-deps`` and keep the task file.
+
+    pip 23+ fails on this sdist while preparing its metadata (a direct-URL dependency), after it has downloaded
+    and unpacked it; ``--no-clean`` in a private TMPDIR keeps the unpacked tree, from which general_knowledge's
+    task.json is copied into ``dest``. Returns the sdist when pip kept it, else the extracted task file.
+    """
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest), f"bigbench=={BIGBENCH_VERSION}"]
-    proc = subprocess.run(cmd)
-    # pip may fail after the download while preparing the sdist's metadata; the archive is all we need.
-    found = sorted(dest.glob(f"bigbench-{BIGBENCH_VERSION}.tar.gz"))
-    if not found:
-        raise FileNotFoundError(
-            f"`{' '.join(cmd)}` exited with {proc.returncode} and left no bigbench-{BIGBENCH_VERSION}.tar.gz "
-            f"in {dest}; download it by hand and pass --bigbench <path>"
-        )
-    return found[0]
+    cached = dest / "general_knowledge_task.json"
+    if cached.is_file():
+        return cached
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", "-d", str(dest)]
+    cmd.append(f"bigbench=={BIGBENCH_VERSION}")
+    with tempfile.TemporaryDirectory(prefix="bigbench-") as tmp:
+        proc = subprocess.run(cmd, env={**os.environ, "TMPDIR": tmp}, capture_output=True, text=True)
+        found = sorted(dest.glob(f"bigbench-{BIGBENCH_VERSION}.tar.gz"))
+        if found:
+            return found[0]
+        unpacked = sorted(Path(tmp).rglob(GK_MEMBER))
+        if unpacked:
+            shutil.copyfile(unpacked[0], cached)
+            return cached
+    raise FileNotFoundError(
+        f"`{' '.join(cmd)}` exited with {proc.returncode} and left neither the sdist nor {GK_MEMBER}; "
+        f"download bigbench-{BIGBENCH_VERSION}.tar.gz by hand and pass --bigbench <path>. pip said: "
+        f"{proc.stderr.strip()[-300:]}"
+    )
 
 
 def extract_general_knowledge(sdist: Path, dest: Path = BIGBENCH_CACHE) -> Path:
