@@ -77,6 +77,13 @@ class S2FTModule(L.LightningModule):
             )
         plan = S2Plan.load(self.plan_path) if self.plan_path else None
         prepare_model(self.model, self.s2, plan=plan, calibration=self._calibration())
+        if self.task == "sequence_classification":
+            # The classification head is new (random) for the task: it trains fully, like PEFT's modules_to_save.
+            head = next((getattr(self.model, n) for n in ("score", "classifier") if hasattr(self.model, n)), None)
+            if head is None:
+                raise ValueError(f"{type(self.model).__name__} has no 'score' or 'classifier' head to train")
+            for p in head.parameters():
+                p.requires_grad_(True)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

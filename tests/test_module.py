@@ -207,3 +207,17 @@ def test_configure_model_is_idempotent(tiny_llama_dir):
     plan, n = module.plan, len(installed(module.model))
     module.configure_model()
     assert module.plan is plan and len(installed(module.model)) == n
+
+
+def test_sequence_classification_trains_blocks(tiny_llama_dir, tmp_path):
+    module = S2FTModule(str(tiny_llama_dir), task="sequence_classification", num_labels=3, s2=S2)
+    module.configure_model()
+    assert module.plan.certificate["passed"]
+    ids = torch.randint(3, 200, (4, 10))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 2, 1])}
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    grads = [p.grad for p in module.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+    assert module.model.score.weight.grad is not None  # the new task head trains fully

@@ -126,6 +126,9 @@ if [ "$DRY" = 1 ]; then
 else
   # Compiled modes in target order: a timeout then drops the least needed ones (full, lora_all).
   stage bench_gpu_7b "$T_7B" $PY tools/bench.py train --config gpu-7b --out "$OUT/train-gpu-7b.json"
+  # auto = torch reference on CUDA until measured: the same step with the Triton block-gradient kernels.
+  stage bench_gpu_7b_triton 60 env S2FT_KERNELS=triton $PY tools/bench.py train --config gpu-7b \
+    --modes frozen s2ft --out "$OUT/train-gpu-7b-triton.json"
   stage bench_gpu_7b_compile "$T_7B_COMPILE" $PY tools/bench.py train --config gpu-7b --compile-only \
     --modes frozen s2ft lora lora_all full --out "$OUT/train-gpu-7b-compile.json"
   stage bench_sweep "$T_SWEEP" $PY tools/bench.py train --config sweep --out "$OUT/train-sweep.json"
