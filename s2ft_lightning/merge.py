@@ -4,6 +4,10 @@
 position is always recomputed as ``cast(base_fp32 + Σ scale·delta)`` from those saved values (one cast, no
 drift), and a position no merged adapter touches gets ``cast(base_fp32) == base`` back, so unmerge restores
 the base bit-identically however many merge/unmerge/switch cycles ran (PEFT subtracts deltas in bf16).
+
+Switching to one adapter is the hot path: `add` precomputes, per adapter and module, the index tensors,
+the base values and the merged values ``cast(base_fp32 + delta)`` in the weight dtype at its positions, so
+a switch is only tensor copies (restore the old positions, write the new ones), no arithmetic or hashing.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from s2ft_lightning.adapters import (
     check_base,
     get_module,
     logical_weight,
+    module_kind,
 )
 
 
@@ -57,10 +62,64 @@ class _Block:
     delta: torch.Tensor
 
 
+_MAX_RUNS = 4  # write an index set as slice copies when it has at most this many contiguous runs
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
+    """Contiguous runs of sorted ``indices`` as ``(first index, position in indices, length)``."""
+    runs, start, src = [], indices[0], 0
+    for j in range(1, len(indices) + 1):
+        if j == len(indices) or indices[j] != indices[j - 1] + 1:
+            runs.append((start, src, indices[j - 1] - start + 1))
+            if j < len(indices):
+                start, src = indices[j], j
+    return runs
+
+
+@dataclass
+class _Axis:
+    """One adapter's sorted rows (``dim`` 0) or columns (``dim`` 1) of one module, ready to be written."""
+
+    dim: int
+    indices: list[int]
+    idx: torch.Tensor
+    runs: list[tuple[int, int, int]] | None  # slice copies instead of index_copy_ when few runs
+    base: torch.Tensor  # base values there, weight dtype, (k, in) or (out, k)
+
+    def write(self, w: torch.Tensor, vals: torch.Tensor) -> None:
+        if self.runs is None:
+            w.index_copy_(self.dim, self.idx, vals)
+        else:
+            for dst, src, n in self.runs:
+                w.narrow(self.dim, dst, n).copy_(vals.narrow(self.dim, src, n))
+
+
+@dataclass
+class _Entry:
+    """One adapter's positions in one module, with the module's weight dtype/device at `add` time."""
+
+    module: str
+    mod: torch.nn.Module
+    conv: bool
+    dtype: torch.dtype
+    device: torch.device
+    rows: _Axis | None
+    cols: _Axis | None
+
+    def weight(self) -> torch.Tensor | None:
+        """The logical ``(out, in)`` weight, or None if its dtype/device changed since `add`."""
+        w = self.mod.weight
+        if w.dtype != self.dtype or w.device != self.device:
+            return None
+        return w.t() if self.conv else w
+
+
 class AdapterBank:
     """Adapters registered against one stock model; merge / unmerge / switch them in place, exactly.
 
-    The base values at every position a registered adapter touches are saved once, at `add`.
+    The base values at every position a registered adapter touches are saved once, at `add`, together with
+    the adapter's merged values in the weight dtype (about twice its size in that dtype), so a switch to one
+    adapter is only copies. Deltas are read at `add`: re-add an adapter whose deltas changed.
     """
 
     def __init__(self, model: torch.nn.Module, verify: bool = True) -> None:
@@ -70,6 +129,9 @@ class AdapterBank:
         self.active: list[tuple[str, float]] = []
         self._saved: dict[str, _Saved] = {}
         self._blocks: dict[str, dict[tuple[str, str], _Block]] = {}  # adapter -> (module, feature) -> block
+        self._entries: dict[str, list[_Entry]] = {}  # adapter -> its positions per module, ready to write
+        # adapter -> scale -> per entry (row values, column values) of cast(base + scale·delta), weight dtype
+        self._merged: dict[str, dict[float, list[tuple[torch.Tensor | None, torch.Tensor | None]]]] = {}
 
     # -------------------------------------------------------------------------------- registration
     def add(self, adapter: Adapter, name: str | None = None) -> str:
@@ -98,7 +160,51 @@ class AdapterBank:
             self._save(module, sorted(rows), sorted(cols))
         self.adapters[name] = adapter
         self._blocks[name] = blocks
+        try:
+            self._entries[name] = self._prepare(adapter)
+            self._merged[name] = {1.0: self._merged_values(name, 1.0)}
+        except BaseException:
+            self.remove(name)
+            raise
         return name
+
+    def _prepare(self, adapter: Adapter) -> list[_Entry]:
+        """Per touched module: sorted row/column index tensors, their runs and the base values there."""
+        pos = self._positions([adapter])
+        entries = []
+        for module in sorted(pos):
+            mod = get_module(self.model, module)
+            w = logical_weight(mod)
+            saved = self._saved[module]
+            axes: list[_Axis | None] = []
+            for dim, ids in ((0, sorted(pos[module][0])), (1, sorted(pos[module][1]))):
+                if not ids:
+                    axes.append(None)
+                    continue
+                base = saved.rows_block(ids) if dim == 0 else saved.cols_block(ids)
+                runs = _runs(ids)
+                axes.append(
+                    _Axis(
+                        dim,
+                        ids,
+                        torch.tensor(ids, dtype=torch.long, device=w.device),
+                        runs if len(runs) <= _MAX_RUNS else None,
+                        base.to(w.dtype).contiguous(),
+                    )
+                )
+            conv = module_kind(mod) == "conv1d"
+            entries.append(_Entry(module, mod, conv, w.dtype, w.device, axes[0], axes[1]))
+        return entries
+
+    def _merged_values(self, name: str, scale: float) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """``cast(base_fp32 + scale·delta)`` at each entry's rows and columns, exactly as `_refresh` makes it."""
+        alone = [(name, scale)]
+        out = []
+        for e in self._entries[name]:
+            r = self._compose(e.module, "out", e.rows.indices, alone).to(e.dtype) if e.rows else None
+            c = self._compose(e.module, "in", e.cols.indices, alone).to(e.dtype).contiguous() if e.cols else None
+            out.append((r, c))
+        return out
 
     def remove(self, name: str) -> None:
         """Unregister ``name`` (unmerging it first); saved base values nobody else needs are dropped."""
@@ -106,6 +212,8 @@ class AdapterBank:
         if any(n == name for n, _ in self.active):
             self.unmerge(name)
         del self.adapters[name], self._blocks[name]
+        self._entries.pop(name, None)
+        self._merged.pop(name, None)
         keep = self._positions(list(self.adapters.values()))
         for module in list(self._saved):
             rows, cols = keep.get(module, (set(), set()))
@@ -138,17 +246,23 @@ class AdapterBank:
         a = self._get(name)
         if any(n == name for n, _ in self.active):
             raise AdapterError(f"adapter {name!r} is already merged; unmerge it first")
+        if not self.active and self._write_alone(name, float(scale)):
+            self.active = [(name, float(scale))]
+            return
         self.active.append((name, float(scale)))
         self._refresh(self._positions([a]))
 
     def unmerge(self, name: str | None = None) -> None:
         """Remove adapter ``name`` (or every merged adapter): touched positions go back bit-exactly."""
+        if name is not None and not any(n == name for n, _ in self.active):
+            raise AdapterError(f"adapter {name!r} is not merged (merged: {[n for n, _ in self.active]})")
+        if (name is None or self.merged == [name]) and self._write_alone(None):
+            self.active = []
+            return
         if name is None:
             gone = [self.adapters[n] for n, _ in self.active]
             self.active = []
         else:
-            if not any(n == name for n, _ in self.active):
-                raise AdapterError(f"adapter {name!r} is not merged (merged: {[n for n, _ in self.active]})")
             gone = [self.adapters[name]]
             self.active = [(n, s) for n, s in self.active if n != name]
         self._refresh(self._positions(gone))
@@ -156,6 +270,9 @@ class AdapterBank:
     def switch(self, name: str, scale: float = 1.0) -> None:
         """Replace everything merged by adapter ``name``, touching only the union of their rows/columns."""
         new = self._get(name)
+        if self._write_alone(name, float(scale)):
+            self.active = [(name, float(scale))]
+            return
         old = [self.adapters[n] for n, _ in self.active]
         self.active = [(name, float(scale))]
         self._refresh(self._positions(old + [new]))
@@ -165,6 +282,42 @@ class AdapterBank:
         return [n for n, _ in self.active]
 
     # ------------------------------------------------------------------------------------- internals
+    def _write_alone(self, name: str | None, scale: float = 1.0) -> bool:
+        """Make ``name`` (or nothing) the only merged adapter by plain copies; False if the weights moved.
+
+        Restores the base at every position of the merged adapters, then writes ``name``'s precomputed merged
+        values at its own positions (rows and columns of one adapter agree where they cross).
+        """
+        old = [n for n, _ in self.active if n != name]
+        jobs = [(e, e.weight()) for n in old for e in self._entries[n]]
+        new: list[tuple[_Entry, torch.Tensor | None]] = []
+        if name is not None:
+            new = [(e, e.weight()) for e in self._entries[name]]
+        if any(w is None for _, w in jobs) or any(w is None for _, w in new):
+            return False  # the model was cast or moved after `add`: take the general path
+        vals = None
+        if name is not None:
+            cache = self._merged[name]
+            vals = cache.get(scale)
+            if vals is None:
+                vals = self._merged_values(name, scale)
+                for s in [s for s in cache if s != 1.0]:  # keep scale 1 and the latest other scale
+                    del cache[s]
+                cache[scale] = vals
+        with torch.no_grad():
+            for e, w in jobs:
+                if e.cols is not None:
+                    e.cols.write(w, e.cols.base)
+                if e.rows is not None:
+                    e.rows.write(w, e.rows.base)
+            if vals is not None:
+                for (e, w), (rv, cv) in zip(new, vals):
+                    if cv is not None:
+                        e.cols.write(w, cv)
+                    if rv is not None:
+                        e.rows.write(w, rv)
+        return True
+
     @staticmethod
     def _positions(adapters: Sequence[Adapter]) -> dict[str, tuple[set[int], set[int]]]:
         pos: dict[str, tuple[set[int], set[int]]] = {}
@@ -217,8 +370,8 @@ class AdapterBank:
             saved.row_vals = torch.cat([saved.row_vals, row_vals])
             saved.row_pos.update({r: n + j for j, r in enumerate(new_rows)})
 
-    def _compose(self, module: str, feature: str, idx: list[int]) -> torch.Tensor:
-        """fp32 base + Σ scale·delta at rows (``"out"``) or columns (``"in"``) ``idx``, in a fixed order.
+    def _compose(self, module: str, feature: str, idx: list[int], active: Sequence[tuple[str, float]]) -> torch.Tensor:
+        """fp32 base + Σ scale·delta of ``active`` at rows (``"out"``) or columns (``"in"``) ``idx``, in order.
 
         Every element gets the same sequence of additions whether it is computed as part of a row or a
         column, so overlapping rows and columns always agree bit for bit.
@@ -230,7 +383,7 @@ class AdapterBank:
         dev = out.device
         where = {i: j for j, i in enumerate(idx)}
         idx_t = None
-        for name, scale in self.active:
+        for name, scale in active:
             blocks = self._blocks[name]
             for feat in ("out", "in"):  # rows first, then columns, for every adapter
                 b = blocks.get((module, feat))
@@ -262,11 +415,11 @@ class AdapterBank:
                 w = logical_weight(get_module(self.model, module))
                 if cols:
                     cols = sorted(cols)
-                    vals = self._compose(module, "in", cols).to(w.dtype)
+                    vals = self._compose(module, "in", cols, self.active).to(w.dtype)
                     w.index_copy_(1, torch.tensor(cols, device=w.device), vals)
                 if rows:
                     rows = sorted(rows)
-                    vals = self._compose(module, "out", rows).to(w.dtype)
+                    vals = self._compose(module, "out", rows, self.active).to(w.dtype)
                     w.index_copy_(0, torch.tensor(rows, device=w.device), vals)
 
 

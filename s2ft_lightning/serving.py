@@ -45,7 +45,18 @@ class PackedBlocks:
                 self.delta[s, :kb] = b.delta
         self.idx, self.kcnt, self.delta = self.idx.to(device), self.kcnt.to(device), self.delta.to(device)
         self.idx_long = self.idx.long()
-        self.users = {s for s, b in enumerate(blocks) if b is not None}
+        self.users = frozenset(s for s, b in enumerate(blocks) if b is not None)
+        self.idx3 = self.idx_long[:, None, :]  # (A+1, 1, K), so the reference path only expands it
+        self._delta_t: torch.Tensor | None = None
+
+    @property
+    def delta_t(self) -> torch.Tensor:
+        """Reference-path operand: ``(A+1, K, OUT)`` contiguous for columns (made on first use; streams ~1.4x
+        faster than the transposed view at one token per row), ``(A+1, IN, K)`` view for rows."""
+        if self._delta_t is None:
+            t = self.delta.transpose(1, 2)
+            self._delta_t = t.contiguous() if self.feature == "in" else t
+        return self._delta_t
 
 
 def block_term_torch(
@@ -56,16 +67,19 @@ def block_term_torch(
     ``identity=True`` promises ``slots == arange(B)`` (row i uses adapter i), so no per-row copy is made.
     """
     B, T, _ = x.shape
-    k = p.idx.shape[1]
-    idx = p.idx_long[:B] if identity else p.idx_long[slots]
-    delta = (p.delta[:B] if identity else p.delta[slots]).transpose(1, 2)
+    delta = p.delta_t
+    if identity:
+        idx, delta = p.idx3[:B], delta[:B]
+    else:
+        idx, delta = p.idx3.index_select(0, slots), delta.index_select(0, slots)
+    idx = idx.expand(B, T, idx.shape[-1])
     if p.feature == "in":
-        xg = x.gather(-1, idx[:, None, :].expand(B, T, k)).float()
+        xg = x.gather(-1, idx)
         if y.dtype == torch.float32:
             return torch.baddbmm(y, xg, delta)
-        return (y.float() + torch.bmm(xg, delta)).to(y.dtype)
+        return torch.baddbmm(y.float(), xg.float(), delta).to(y.dtype)  # fp32 accumulation, one cast
     g = torch.bmm(x.float(), delta)  # (B, T, K); padded rows are zero
-    return y.float().scatter_add(-1, idx[:, None, :].expand(B, T, k), g).to(y.dtype)
+    return y.float().scatter_add(-1, idx, g).to(y.dtype)
 
 
 def block_term_triton(y: torch.Tensor, x: torch.Tensor, aid: torch.Tensor, p: PackedBlocks) -> torch.Tensor:
@@ -111,8 +125,9 @@ class MultiAdapterModel(nn.Module):
             self._packed[module] = [PackedBlocks(f, items, module, tuple(w.shape), w.device) for f in feats]
         self._slots: torch.Tensor | None = None
         self._aid: torch.Tensor | None = None
-        self._active: set[int] = set()
+        self._active: frozenset[int] = frozenset()
         self._identity = False
+        self._triton: dict[torch.device, bool] = {}  # backend per device, resolved once per `use`
         self._hooks = [get_module(model, m).register_forward_hook(self._hook(m)) for m in self._packed]
 
     def _backend(self, device: torch.device) -> str:
@@ -128,7 +143,8 @@ class MultiAdapterModel(nn.Module):
         def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if self._slots is None:
                 return None
-            used = [p for p in packs if p.users & self._active]
+            active = self._active
+            used = [p for p in packs if not p.users.isdisjoint(active)]
             if not used:
                 return None
             x = args[0]
@@ -140,7 +156,9 @@ class MultiAdapterModel(nn.Module):
                     f"{module}: input batch {x.shape[0]} != {self._slots.shape[0]} adapter names; "
                     "modules that flatten or reorder the batch (e.g. MoE experts) cannot be served per row"
                 )
-            use_triton = self._backend(x.device) == "triton"
+            use_triton = self._triton.get(x.device)
+            if use_triton is None:
+                use_triton = self._triton[x.device] = self._backend(x.device) == "triton"
             y = output
             for p in used:
                 if use_triton:
@@ -162,13 +180,14 @@ class MultiAdapterModel(nn.Module):
         dev = next(self.model.parameters()).device
         aid = torch.tensor(ids, dtype=torch.int32, device=dev)
         slots = torch.where(aid < 0, len(self.names), aid).long()  # slot A holds zeros
-        prev = (self._slots, self._aid, self._active, self._identity)
-        self._slots, self._aid, self._active = slots, aid, {i for i in ids if i >= 0}
+        prev = (self._slots, self._aid, self._active, self._identity, self._triton)
+        self._slots, self._aid, self._active = slots, aid, frozenset(i for i in ids if i >= 0)
         self._identity = ids == list(range(len(ids)))
+        self._triton = {}
         try:
             yield
         finally:
-            self._slots, self._aid, self._active, self._identity = prev
+            self._slots, self._aid, self._active, self._identity, self._triton = prev
 
     def forward(self, *args, adapter_names: Sequence[str | None], **kwargs):
         with self.use(adapter_names):

@@ -231,3 +231,48 @@ def test_fused_merge_equals_sequential_merges_and_cross_mean():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     with pytest.raises(AdapterError, match="overlap"):
         fuse_adapters([ads["rows_a"]], overlap="max")
+
+
+def test_precomputed_switch_agrees_with_general_path_on_runs_and_scattered_indices():
+    """Switch/merge-alone write precomputed values; stacking goes through the general recompute path."""
+    model = _model()
+    base = _weights(model)
+    specs = {
+        "runs": {"a": {"in": [3, 4, 5, 6]}, "b": {"out": [0, 1, 2, 8, 9]}, "c": {"in": [2, 3]}},
+        "scattered": {"a": {"in": [0, 2, 4, 6, 8, 10], "out": [1, 3, 5, 7, 9]}, "c": {"out": [0, 2, 4, 6, 8]}},
+    }
+    ads = {n: _adapter(model, spec, seed=10 + i) for i, (n, spec) in enumerate(specs.items())}
+    bank = AdapterBank(model)
+    for n, a in ads.items():
+        bank.add(a, n)
+    for name, scale in [("runs", 1.0), ("scattered", 1.0), ("scattered", 0.5), ("runs", 2.0)]:
+        bank.switch(name, scale)
+        alone = _weights(model)
+        other = "runs" if name == "scattered" else "scattered"
+        bank.merge(other)  # general path: recompute the union with both merged
+        bank.unmerge(other)  # general path again: back to `name` alone
+        assert all(torch.equal(v, alone[k]) for k, v in model.state_dict().items())
+        fresh = _model()
+        merge_adapter(fresh, ads[name], scale)
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+    bank.unmerge()
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+
+
+def test_switch_after_the_model_is_cast_takes_the_general_path_exactly():
+    model = _model()
+    ads = _adapters(model)
+    bank = AdapterBank(model)
+    for n in ("rows_a", "other"):
+        bank.add(ads[n], n)
+    bank.switch("rows_a")
+    bank.unmerge()
+    model.float()  # precomputed bf16 values no longer fit: the bank must recompute, not copy stale bytes
+    base = _weights(model)
+    bank.switch("other")
+    fresh = _model().float()
+    merge_adapter(fresh, ads["other"])
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+    assert model.c.weight.dtype == torch.float32
+    bank.unmerge()
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
