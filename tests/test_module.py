@@ -221,3 +221,28 @@ def test_sequence_classification_trains_blocks(tiny_llama_dir, tmp_path):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(float(g.abs().sum()) > 0 for g in grads)
     assert module.model.score.weight.grad is not None  # the new task head trains fully
+
+
+def _one_step_grads(module, batch) -> dict[str, torch.Tensor]:
+    module.configure_model()
+    module.training_step(batch, 0).backward()
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_same_block_grads(tiny_llama_dir):
+    ids = torch.randint(3, 200, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    plain = _one_step_grads(S2FTModule(str(tiny_llama_dir), s2=S2), batch)
+    ckpt = _one_step_grads(S2FTModule(str(tiny_llama_dir), s2=S2, gradient_checkpointing=True), batch)
+    assert plain.keys() == ckpt.keys() and plain
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-7)
+
+
+def test_data_driven_selection_uses_calibration_batches(tiny_llama_dir, tmp_path):
+    s2 = S2Config(o_ratio=0.25, d_ratio=0.1, strategy="weight_activation", seed=3)
+    module = S2FTModule(str(tiny_llama_dir), s2=s2, calibration_batches=2)
+    _trainer(tmp_path, max_steps=1).fit(module, datamodule=_dm(tiny_llama_dir))
+    assert module.plan.settings["strategy"] == "weight_activation"
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        S2FTModule(str(tiny_llama_dir), s2=s2).configure_model()

@@ -14,13 +14,12 @@ installed transformers), both as change vs the base model; training time (fit lo
 is a fresh subprocess). Writes <out>/results.json, results.md and results.png; per-run JSON under <out>/jobs/
 (reused on a rerun with the same spec, so an interrupted study resumes).
 
-Sizing for a 2-core CPU (~2 h), from a --smoke run on SmolLM2-135M (fp32, 2 threads, batch 16 x ~17 tokens,
-4 steps, machine shared with other jobs): median step S²FT 1.04 s, LoRA r=8 1.20 s, full 1.83 s; evaluation of
-80 generations + 2.2k text tokens 7.2 s; setup (load + surgery) 1-3 s; ~8 s process start-up per run; peak RSS
-S²FT 1.83 GiB, LoRA 2.14 GiB, full 3.59 GiB. With 250 steps x 16 (= the 4000 training questions once) a run
-trains S²FT ~4.5 min, LoRA ~5 min, full ~7.5 min, and evaluates (300 generations, 70 x ~4 choice scorings,
-2.2k text tokens) in ~45 s. 3 arms x (3 grid lrs + 2 more seeds) = 15 runs + the base: about 100 min. On a
-slower or busier machine lower --steps (time scales linearly) or the lr grid.
+Sizing (configs/quality/study.yaml): 100 steps x batch 16 (the 1600 training questions once), 50 validation and
+100 test questions, 2-point lr grids, 3 seeds: 3 arms x (2 grid lrs + 2 more seeds) = 12 runs + the base. On an
+idle 2-core CPU (fp32, 2 threads) an S²FT run trains in ~100 s (1.0 s/step) and evaluates in ~25 s; LoRA and full
+take ~1.2x and ~1.8x the step time: the whole study takes about 40 min. Time scales linearly with --steps (250
+steps, the 4000-question budget, is ~100 min). Evaluation is very sensitive to other load on the machine
+(measured: 30 s idle vs 207-410 s beside other benchmarks) -- run the study on an otherwise idle machine.
 """
 
 from __future__ import annotations
