@@ -204,18 +204,6 @@ def s2ft_slices(model: nn.Module, cfg: dict[str, Any], apply: bool) -> tuple[Any
     return hand_slices(model, cfg["o_ratio"], cfg["d_ratio"]), "hand", err
 
 
-def slices_numel(model: nn.Module, slices: Sequence) -> int:
-    """Number of trainable weights the slices describe (no install needed)."""
-    mods = dict(model.named_modules())
-    total = 0
-    for s in slices:
-        w = mods[s.module].weight
-        out_f, in_f = w.shape
-        k = sum(e - a for a, e in s.runs)
-        total += k * (out_f if s.feature == "in" else in_f)
-    return total
-
-
 def lora_rank_for(model: nn.Module, targets: Sequence[str] | str, count: int) -> tuple[int, int]:
     """(rank, params per rank) so LoRA on ``targets`` trains about ``count`` weights (rank ≥ 1)."""
     if targets == "all-linear":
@@ -261,8 +249,10 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
     else:
         from peft import LoraConfig, get_peft_model
 
+        from surgery.planner import slice_weight_count
+
         slices, how, err = s2ft_slices(model, cfg, apply=False)
-        count = slices_numel(model, slices.slices if hasattr(slices, "slices") else slices)
+        count = slice_weight_count(model, slices.slices if hasattr(slices, "slices") else slices)
         targets: Any = list(LORA_TARGETS) if mode == "lora" else "all-linear"
         rank, per_rank = lora_rank_for(model, targets, count)
         lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")

@@ -15,8 +15,6 @@ from torch import nn
 from s2ft_lightning.pipeline import S2Config, applied_plan, prepare_model
 from surgery.plan import PlanError, S2Plan
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
@@ -69,11 +67,11 @@ class S2FTModule(L.LightningModule):
         """Load the base and apply S²FT; Lightning calls this on every stage, so it is idempotent."""
         if self.model is not None and self.plan is not None:
             return
-        from s2ft_lightning.models import load_model
+        from s2ft_lightning.models import load_model, resolve_dtype
 
         if self.model is None:
             self.model, self.tokenizer = load_model(
-                self.model_name, task=self.task, dtype=_DTYPES[self.dtype_name], num_labels=self.num_labels
+                self.model_name, task=self.task, dtype=resolve_dtype(self.dtype_name), num_labels=self.num_labels
             )
         plan = S2Plan.load(self.plan_path) if self.plan_path else None
         prepare_model(self.model, self.s2, plan=plan, calibration=self._calibration())

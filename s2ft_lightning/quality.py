@@ -45,15 +45,10 @@ Method = Literal["s2ft", "lora", "full"]
 
 def s2ft_trainable_count(model: nn.Module, s2: S2Config) -> int:
     """Weights S²FT would train on ``model`` with ``s2`` (plans the selection without touching the model)."""
-    from surgery.planner import make_plan
+    from surgery.planner import make_plan, slice_weight_count
 
     plan = make_plan(model, **s2.ratios(), strategy=s2.strategy, variant=s2.variant, seed=s2.seed)
-    mods = dict(model.named_modules())
-    total = 0
-    for s in plan.slices:
-        out_f, in_f = mods[s.module].weight.shape
-        total += s.numel_features * (out_f if s.feature == "in" else in_f)
-    return total
+    return slice_weight_count(model, plan.slices)
 
 
 def lora_rank_for(model: nn.Module, count: int, targets: Sequence[str] = LORA_TARGETS) -> tuple[int, int]:

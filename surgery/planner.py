@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from surgery.graph import linear_shape
 from surgery.permute import (
     IllegalPermutation,
     apply_permutations,
@@ -185,6 +186,16 @@ def _plan_couplings(model, plan: S2Plan, structures: ModelStructures | None) -> 
             raise PlanError(f"plan permutation for {name!r} has {len(perm)} entries; the coupling has {c.size}")
         items.append((c, perm))
     return items
+
+
+def slice_weight_count(model: torch.nn.Module, slices: Iterable[BlockSlice]) -> int:
+    """Weights the block slices train: features x the other fan of each Linear / Conv1D (no install needed)."""
+    mods = dict(model.named_modules())
+    total = 0
+    for s in slices:
+        fan_in, fan_out, _ = linear_shape(mods[s.module])
+        total += s.numel_features * (fan_out if s.feature == "in" else fan_in)
+    return total
 
 
 def apply_plan(

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from surgery.analyze import StructureError, analyze
+from surgery.graph import linear_shape
 from surgery.plan import PlanError, S2Plan
-from surgery.planner import apply_plan, make_plan
+from surgery.planner import apply_plan, make_plan, slice_weight_count
 from surgery.structures import ModelStructures
 
 LORA_ROLES = ("q", "k", "v", "up", "down")
@@ -37,14 +38,6 @@ def load(model: str, tiny: bool) -> nn.Module:
     return load_model(model, dtype=torch.float32)[0]
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or a GPT-2 style Conv1D (weight stored [in, out])."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    w = module.weight
-    return (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
-
-
 def lora_rank_for(model: nn.Module, structures: ModelStructures, trainable: int) -> float:
     """LoRA rank on q,k,v,up,down whose parameter count equals ``trainable`` (fractional)."""
     modules = {
@@ -54,7 +47,7 @@ def lora_rank_for(model: nn.Module, structures: ModelStructures, trainable: int)
         for m in c.members
         if m.role in LORA_ROLES and m.module
     }
-    per_rank = sum(sum(_features(model.get_submodule(name))) for name in modules)
+    per_rank = sum(sum(linear_shape(model.get_submodule(name))[:2]) for name in modules)
     return trainable / per_rank if per_rank else 0.0
 
 
@@ -71,9 +64,7 @@ def audit(model: nn.Module, args: argparse.Namespace) -> dict:
     per_layer: dict[int, dict] = defaultdict(lambda: {"couplings": [], "trains": []})
     layer_of = {c.name: c.layer for c in structures.couplings}
     for s in plan.slices:
-        fan_in, fan_out = _features(model.get_submodule(s.module))
-        n = s.numel_features * (fan_in if s.feature == "out" else fan_out)
-        trainable += n
+        trainable += slice_weight_count(model, [s])
         layer = next((layer_of[c] for c in layer_of if s.module.startswith(c + ".")), -1)
         axis = "cols" if s.feature == "in" else "rows"
         runs = f"{len(s.runs)} runs" if len(s.runs) > 1 else "1 run"
