@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.planner import LORA_TARGETS
+
 MODES = ("frozen", "s2ft", "full", "lora", "lora_all")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 REPO = Path(__file__).resolve().parent.parent
 RESULT_TAG = "BENCH_RESULT "
 
@@ -204,18 +205,6 @@ def s2ft_slices(model: nn.Module, cfg: dict[str, Any], apply: bool) -> tuple[Any
     return hand_slices(model, cfg["o_ratio"], cfg["d_ratio"]), "hand", err
 
 
-def lora_rank_for(model: nn.Module, targets: Sequence[str] | str, count: int) -> tuple[int, int]:
-    """(rank, params per rank) so LoRA on ``targets`` trains about ``count`` weights (rank ≥ 1)."""
-    if targets == "all-linear":
-        mods = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
-    else:
-        mods = [m for t in targets for _, m in _named_linear(model, t)]
-    per_rank = sum(m.in_features + m.out_features for m in mods)
-    if per_rank == 0:
-        raise ValueError(f"no Linear modules match LoRA targets {targets!r}")
-    return max(1, round(count / per_rank)), per_rank
-
-
 @dataclass
 class Built:
     """A model set up for one mode plus what it trains."""
@@ -249,12 +238,12 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
     else:
         from peft import LoraConfig, get_peft_model
 
-        from surgery.planner import slice_weight_count
+        from surgery.planner import matched_lora_rank, slice_weight_count
 
         slices, how, err = s2ft_slices(model, cfg, apply=False)
         count = slice_weight_count(model, slices.slices if hasattr(slices, "slices") else slices)
         targets: Any = list(LORA_TARGETS) if mode == "lora" else "all-linear"
-        rank, per_rank = lora_rank_for(model, targets, count)
+        rank, per_rank = matched_lora_rank(model, count, targets)
         lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
         model = get_peft_model(model, lcfg)
         info.update(lora_rank=rank, lora_targets=targets, s2ft_count_matched=count, lora_params_per_rank=per_rank)

@@ -27,8 +27,8 @@ from torch import nn
 
 from s2ft_lightning.module import S2FTModule
 from s2ft_lightning.pipeline import S2Config
+from surgery.planner import LORA_TARGETS, matched_lora_rank
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 BIGBENCH_VERSION = "1.0.0"
 GK_MEMBER = "bigbench/benchmark_tasks/general_knowledge/task.json"
 BIGBENCH_CACHE = Path.home() / ".cache" / "s2ft-lightning" / "bigbench"
@@ -49,15 +49,6 @@ def s2ft_trainable_count(model: nn.Module, s2: S2Config) -> int:
 
     plan = make_plan(model, **s2.ratios(), strategy=s2.strategy, variant=s2.variant, seed=s2.seed)
     return slice_weight_count(model, plan.slices)
-
-
-def lora_rank_for(model: nn.Module, count: int, targets: Sequence[str] = LORA_TARGETS) -> tuple[int, int]:
-    """(rank, weights per unit of rank) so uniform-rank LoRA on ``targets`` trains the closest count to ``count``."""
-    mods = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
-    per_rank = sum(m.in_features + m.out_features for m in mods)
-    if per_rank == 0:
-        raise ValueError(f"no nn.Linear modules named {list(targets)} in the model; set lora.targets in the arm YAML")
-    return max(1, round(count / per_rank)), per_rank
 
 
 def trainable_count(model: nn.Module) -> int:
@@ -104,7 +95,7 @@ class QualityModule(S2FTModule):
                 rank = self.lora_rank
                 if rank <= 0:
                     target = s2ft_trainable_count(model, self.s2)
-                    rank, _ = lora_rank_for(model, target, self.lora_targets)
+                    rank, _ = matched_lora_rank(model, target, self.lora_targets)
                     self.info["s2ft_count_matched"] = target
                 cfg = LoraConfig(
                     r=rank,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from surgery.analyze import analyze
 from surgery.permute import IllegalPermutation
 from surgery.plan import PlanError, S2Plan
-from surgery.planner import applied_plan_id, apply_plan, make_plan, plan_id
+from surgery.planner import applied_plan_id, apply_plan, make_plan, matched_lora_rank, plan_id
 from surgery.tiny import SUPPORTED_TINY, tiny_model
 
 RATIOS = dict(o_ratio=0.5, v_ratio=0.5, u_ratio=0.1, d_ratio=0.1)
@@ -241,3 +241,26 @@ def test_make_plan_analyzes_when_no_structures_and_apply_without_verify():
     assert applied.certificate is None and applied_plan_id(model) == plan_id(plan)
     apply_plan(copy, plan)
     assert_same(copy, state(model))
+
+
+def test_matched_lora_rank_counts_linear_and_conv1d_fans():
+    llama = tiny_llama()
+    c = llama.config
+    h, i, q, kv = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    )
+    per_layer = (h + q) + 2 * (h + kv) + (h + i) + (i + h)  # q, k, v, up, down: in + out per unit of rank
+    rank, per_rank = matched_lora_rank(llama, 3 * per_layer * c.num_hidden_layers)
+    assert (rank, per_rank) == (3, per_layer * c.num_hidden_layers)
+    assert matched_lora_rank(llama, 1)[0] == 1  # never rank 0
+    gpt2 = tiny_model("gpt2")
+    cc = gpt2.config
+    # all-linear: c_attn (3e out), attn c_proj, c_fc, mlp c_proj (Conv1D, weight [in, out]); not lm_head
+    e, inner = cc.n_embd, cc.n_inner or 4 * cc.n_embd
+    per_block = (e + 3 * e) + 2 * e + 2 * (e + inner)
+    assert matched_lora_rank(gpt2, 10, "all-linear")[1] == per_block * cc.n_layer
+    with pytest.raises(ValueError, match="no Linear/Conv1D modules named"):
+        matched_lora_rank(gpt2, 10)  # gpt2 has no q_proj/...: the error says which names to pass

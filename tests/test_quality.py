@@ -21,11 +21,11 @@ from s2ft_lightning.quality import (
     choice_logprobs,
     heldout_text,
     load_general_knowledge,
-    lora_rank_for,
     multiple_choice_accuracy,
     perplexity,
     s2ft_trainable_count,
 )
+from surgery.planner import matched_lora_rank
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_tokenizer import save_tiny_llama  # noqa: E402
@@ -83,7 +83,7 @@ def test_lora_rank_matches_s2ft_trainable_count(tiny):
     s2 = S2Config(o_ratio=0.25, d_ratio=0.22, seed=0)
     model, _ = load_model(tiny)
     count = s2ft_trainable_count(model, s2)
-    rank, per_rank = lora_rank_for(model, count)
+    rank, per_rank = matched_lora_rank(model, count)
     # The closest uniform rank: no other rank is nearer to the S²FT count.
     assert all(abs(rank * per_rank - count) <= abs(r * per_rank - count) for r in range(1, 3 * rank + 2))
     s2ft = QualityModule(str(tiny), "s2ft", s2=s2)

@@ -85,18 +85,6 @@ def _install_delta(model, slices):
         setattr(model.get_submodule(parent), child, DeltaLinear(model.get_submodule(s.module), s))
 
 
-def _trainable_target(slices) -> int:
-    hidden = CFG["hidden_size"]
-    return sum(hidden * s.numel_features for s in slices)
-
-
-def _lora_rank(target: int) -> int:
-    h, i = CFG["hidden_size"], CFG["intermediate_size"]
-    kv = h * CFG["num_key_value_heads"] // CFG["num_attention_heads"]
-    per_rank = (h + h) + (h + kv) * 2 + (h + i) * 2
-    return max(1, round(target / (per_rank * CFG["num_hidden_layers"])))
-
-
 def build(mode: str, compile_: bool = False, device: str = "cpu", dtype: str = "float32"):
     """(callable step, trainable count, extra info) for one mode on a fresh seeded model."""
     import torch
@@ -129,10 +117,11 @@ def build(mode: str, compile_: bool = False, device: str = "cpu", dtype: str = "
     elif mode == "lora":
         import peft
 
-        r = _lora_rank(_trainable_target(slices))
+        from surgery.planner import LORA_TARGETS, matched_lora_rank, slice_weight_count
+
+        r, _ = matched_lora_rank(model, slice_weight_count(model, slices))
         extra["lora_r"] = r
-        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                              target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])  # fmt: skip
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
         model = peft.get_peft_model(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
     else:
