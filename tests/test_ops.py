@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from s2ft_lightning.ops import backend_for, gather_runs, kernel_mode, partial_linear, reference_block_grads
+from s2ft_lightning.ops import (
+    backend_for,
+    gather_runs,
+    interpreter_problem,
+    kernel_mode,
+    partial_linear,
+    reference_block_grads,
+)
 
 SPECS = {
     "cols": (("in", ((2, 5),)),),
@@ -156,6 +163,26 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("S2FT_KERNELS", "fast")
     with pytest.raises(ValueError, match="S2FT_KERNELS"):
         kernel_mode()
+
+
+def test_interpreter_version_check_names_the_fix(monkeypatch):
+    from s2ft_lightning import ops
+    from s2ft_lightning.ops.kernels.block_grad import tn_matmul_triton
+
+    why = interpreter_problem("3.6.0", "2.4.6")  # the combination that failed here; 2.3.5 / triton 3.7.1 pass
+    assert "triton>=3.7" in why and "numpy<2.4" in why and "S2FT_KERNELS=torch" in why
+    assert interpreter_problem("3.6.0", "2.3.5") is None and interpreter_problem("3.7.1", "2.4.6") is None
+    assert interpreter_problem("3.10.0+git1", "2.5.0") is None  # numeric, not string, version order
+    # With such versions installed: auto falls back to torch, a forced triton and a direct launch say why.
+    monkeypatch.setattr(ops, "installed_interpreter_problem", lambda: why)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("S2FT_KERNELS", "auto")
+    assert backend_for("cpu") == "torch"
+    monkeypatch.setenv("S2FT_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="triton>=3.7"):
+        backend_for("cpu")
+    with pytest.raises(RuntimeError, match="numpy<2.4"):
+        tn_matmul_triton(torch.randn(4, 3), torch.randn(4, 2))
 
 
 def test_bad_inputs():

@@ -10,16 +10,13 @@ done through an int32 index vector, so gathering costs nothing extra.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from s2ft_lightning.ops.kernels import check_interpreter, interpreting
 
 
 @triton.jit
@@ -110,7 +107,7 @@ def _sm_count(index: int) -> int:
 
 
 def _pick_split(n: int, tiles: int, device: torch.device, block_n: int) -> int:
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return 1 if n <= 4 * block_n else 2
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = max(1, (2 * sms) // max(tiles, 1))
@@ -135,6 +132,7 @@ def tn_matmul_triton(
         raise ValueError(f"tn_matmul needs 2-D a, b with equal rows; got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.device != b.device:
         raise ValueError(f"a on {a.device} and b on {b.device}: move both to one device")
+    check_interpreter()
     n = a.shape[0]
     # A single run is a strided view: no index vector needed.
     if a_runs is not None and len(a_runs) == 1:
@@ -145,9 +143,9 @@ def tn_matmul_triton(
     ib = runs_index(b_runs, b.device) if b_runs is not None else None
     m = ia.numel() if ia is not None else a.shape[1]
     p = ib.numel() if ib is not None else b.shape[1]
-    upcast = _interpreting() or a.dtype == torch.float32 or b.dtype == torch.float32 or a.dtype != b.dtype
+    upcast = interpreting() or a.dtype == torch.float32 or b.dtype == torch.float32 or a.dtype != b.dtype
     if block is None:
-        block = (64, 64, 64) if _interpreting() else (64, 64, 32 if upcast else 64)
+        block = (64, 64, 64) if interpreting() else (64, 64, 32 if upcast else 64)
     bm, bp, bn = block
     tiles = triton.cdiv(m, bm) * triton.cdiv(p, bp)
     split = split or _pick_split(n, tiles, a.device, bn)

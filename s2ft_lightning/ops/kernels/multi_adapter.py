@@ -10,15 +10,11 @@ is wrong in the Triton interpreter) and cast once on store.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from s2ft_lightning.ops.kernels import check_interpreter, interpreting
 
 
 @triton.jit
@@ -100,6 +96,7 @@ def _rows_kernel(
 
 
 def _check(y: torch.Tensor, x: torch.Tensor, aid: torch.Tensor, idx: torch.Tensor, d: torch.Tensor) -> None:
+    check_interpreter()
     if x.dim() != 3 or y.dim() != 3 or x.shape[:2] != y.shape[:2]:
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must be (B, T, features) with equal B, T")
     if x.stride(-1) != 1 or y.stride(-1) != 1:
@@ -113,7 +110,7 @@ def _check(y: torch.Tensor, x: torch.Tensor, aid: torch.Tensor, idx: torch.Tenso
 def _blocks(T: int, n: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_N, BLOCK_K): small, >= 16 (tl.dot minimum), 64-128 when interpreting."""
     bt = 16 if T <= 16 else (32 if T <= 32 else 64)
-    bn = 64 if (_interpreting() or n <= 64) else 128
+    bn = 64 if (interpreting() or n <= 64) else 128
     return bt, bn, 64
 
 
@@ -135,7 +132,7 @@ def cols_term_(
     grid = (B, triton.cdiv(T, bt), triton.cdiv(OUT, bo))
     _cols_kernel[grid](
         x, y, aid, idx, delta, kcnt, T, OUT, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        BLOCK_T=bt, BLOCK_O=bo, BLOCK_K=bk, IEEE=not _interpreting(),
+        BLOCK_T=bt, BLOCK_O=bo, BLOCK_K=bk, IEEE=not interpreting(),
     )  # fmt: skip
     return y
 
@@ -158,6 +155,6 @@ def rows_term_(
     grid = (B, triton.cdiv(T, bt), triton.cdiv(K, bj))
     _rows_kernel[grid](
         x, y, aid, idx, delta, kcnt, T, IN, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        BLOCK_T=bt, BLOCK_J=bj, BLOCK_K=bk, IEEE=not _interpreting(),
+        BLOCK_T=bt, BLOCK_J=bj, BLOCK_K=bk, IEEE=not interpreting(),
     )  # fmt: skip
     return y
