@@ -17,6 +17,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # benchmarks/ is a repo folder, not an installed package
 
 from benchmarks import plots  # noqa: E402
+from benchmarks import profile as pf  # noqa: E402
 from benchmarks import report as rp  # noqa: E402
 from benchmarks import train_suite as ts  # noqa: E402
 
@@ -206,3 +207,29 @@ def test_adapter_targets_from_bench_adapters_results():
     serve = {"serving": {"seq": 128, "s2ft_over_base": 1.2, "peft_over_base": 1.5}}
     got = bench.adapter_targets("serve", serve)
     assert [t["passed"] for t in got] == [False, None] and got[0]["value"] == 1.2
+
+
+def test_profile_breaks_steps_into_phases_and_memory_parts(cfg, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_cli", REPO / "tools" / "bench.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "profile.json"
+    assert cli.main(["profile", "--config", "tiny", "--modes", "frozen", "s2ft", "full", "lora", "--steps", "1",
+                     "--out", str(out)]) == 0  # fmt: skip
+    doc = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in doc["results"]}
+    assert doc["suite"] == "profile" and set(rows) == {"frozen", "s2ft", "full", "lora"} and "machine" in doc
+    for r in rows.values():
+        assert set(r["ms"]) == set(pf.PHASES) and all(set(k) == set(pf.KINDS) for k in r["ms"].values())
+        assert r["ms"]["forward"]["matmul"] > 0 and r["ms"]["backward"]["matmul"] > 0  # ops charged to phases
+        assert r["top_ops_ms"] and r["saved_activations_mib"] > 0
+    ops = ("matmul", "attention", "other")  # "python" is the phase's own overhead, present even with no optimizer
+    assert sum(rows["frozen"]["ms"]["optimizer"][k] for k in ops) == 0 < rows["s2ft"]["ms"]["optimizer"]["other"]
+    full = rows["full"]
+    assert full["trainable_mib"] == pytest.approx(full["trainable_params"] * 4 / 2**20, abs=0.01)
+    for r in rows.values():  # AdamW keeps two fp32 moments per trainable weight
+        assert r["adamw_state_mib"] == pytest.approx(2 * r["trainable_mib"], abs=0.02)
+    # LoRA saves its adapters' inputs and rank-r intermediates on top of what the frozen floor saves
+    assert rows["lora"]["saved_activations_mib"] > rows["frozen"]["saved_activations_mib"]

@@ -7,6 +7,7 @@ Examples::
     python tools/bench.py train --config cpu-small --compile    # eager and torch.compile
     python tools/bench.py train --config gpu-7b --compile       # on an H100
     python tools/bench.py train --config sweep                  # 7B at 512..4096 tokens
+    python tools/bench.py profile --config cpu-small            # where each mode's step time/memory goes
     python tools/bench.py plot                                  # PNGs next to benchmarks/results/*.json
     python tools/bench.py switch | serve [args passed to tools/bench_adapters.py]
 """
@@ -106,6 +107,25 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in runs) else 1
 
 
+def cmd_profile(a: argparse.Namespace) -> int:
+    from benchmarks import profile as pf
+    from benchmarks import sysinfo
+
+    cfg = ts.get_config(a.config, modes=a.modes, batch=a.batch, seqs=a.seq, device=a.device, threads=a.threads)
+    if a.steps < 1:
+        raise SystemExit(f"--steps must be >= 1 (got {a.steps})")
+    print(f"[bench] profile config={a.config} modes={cfg['modes']} seq={cfg['seqs'][0]} (eager, one process)")
+    rows = pf.profile_suite(cfg, cfg["modes"], steps=a.steps)
+    doc = {"suite": "profile", "schema_version": rp.SCHEMA_VERSION, **sysinfo.describe()}
+    doc.update(config=cfg, results=rows)
+    out = Path(a.out) if a.out else REPO / "benchmarks" / "results" / f"profile-{a.config}.json"
+    rp.write_json(doc, out)
+    print()
+    print(pf.markdown(rows))
+    print(f"\n[bench] wrote {out}")
+    return 0
+
+
 def cmd_plot(a: argparse.Namespace) -> int:
     from benchmarks import plots
 
@@ -194,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = ap.add_subparsers(dest="suite", required=True)
     _train_parser(sub)
+    pr = sub.add_parser("profile", help="per-mode step breakdown: phase x op kind, saved activations, state")
+    pr.add_argument("--config", required=True, choices=sorted(ts.CONFIGS), help="benchmark config")
+    pr.add_argument("--modes", nargs="+", choices=ts.MODES, help="subset of modes (default: the config's)")
+    pr.add_argument("--steps", type=int, default=3, help="profiled steps per mode (after the config's warm-up)")
+    pr.add_argument("--batch", type=int, help="override batch size")
+    pr.add_argument("--seq", type=int, nargs=1, help="override the sequence length")
+    pr.add_argument("--device", help="override the config's device (cpu|cuda)")
+    pr.add_argument("--threads", type=int, help="torch intra-op threads")
+    pr.add_argument("--out", help="JSON path (default benchmarks/results/profile-<config>.json)")
     pp = sub.add_parser("plot", help="PNG plots from train-*.json results")
     pp.add_argument("inputs", nargs="*", help="result JSON files (default: benchmarks/results/train-*.json)")
     pp.add_argument("--outdir", help="where to write PNGs (default: next to each JSON)")
@@ -202,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.suite == "train":
         return cmd_train(a)
+    if a.suite == "profile":
+        return cmd_profile(a)
     return cmd_plot(a)
 
 
