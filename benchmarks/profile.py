@@ -52,13 +52,19 @@ def saved_activation_bytes(built: ts.Built, ids: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def _phase_of(ev: Any) -> str | None:
+def phase_of(ev: Any, marks: Sequence[tuple[float, float, str]]) -> str | None:
+    """The phase an op ran in: its enclosing phase mark, else the mark whose interval holds its start.
+
+    The second rule covers ops on other threads (CUDA's autograd engine runs backward on a device thread,
+    so those ops have no parent chain to the mark set around ``loss.backward()``).
+    """
     p = ev.cpu_parent
     while p is not None:
         if p.name.startswith(_MARK):
             return p.name[len(_MARK) :]
         p = p.cpu_parent
-    return None
+    start = ev.time_range.start
+    return next((name for lo, hi, name in marks if lo <= start < hi), None)
 
 
 def profile_mode(mode: str, cfg: dict[str, Any], steps: int = 3, warmup: int = 2) -> dict[str, Any]:
@@ -97,11 +103,13 @@ def profile_mode(mode: str, cfg: dict[str, Any], steps: int = 3, warmup: int = 2
             walls.append((time.perf_counter() - t) * 1e3)
     ms = {p: dict.fromkeys(KINDS, 0.0) for p in PHASES}
     per_op: dict[tuple[str, str], float] = {}
-    for ev in prof.events():
+    events = prof.events()
+    marks = [(e.time_range.start, e.time_range.end, e.name[len(_MARK) :]) for e in events if e.name.startswith(_MARK)]
+    for ev in events:
         us = ev.self_device_time_total if dev.type == "cuda" else ev.self_cpu_time_total
         if ev.name.startswith(_MARK):
             phase, kind = ev.name[len(_MARK) :], "python"
-        elif (phase := _phase_of(ev)) is not None:
+        elif (phase := phase_of(ev, marks)) is not None:
             kind = _kind(ev.name)
             per_op[phase, ev.name] = per_op.get((phase, ev.name), 0.0) + us / 1e3 / steps
         else:

@@ -233,3 +233,14 @@ def test_profile_breaks_steps_into_phases_and_memory_parts(cfg, tmp_path):
         assert r["adamw_state_mib"] == pytest.approx(2 * r["trainable_mib"], abs=0.02)
     # LoRA saves its adapters' inputs and rank-r intermediates on top of what the frozen floor saves
     assert rows["lora"]["saved_activations_mib"] > rows["frozen"]["saved_activations_mib"]
+
+
+def test_profile_charges_other_thread_ops_by_time():
+    from types import SimpleNamespace as NS
+
+    marks = [(0.0, 10.0, "forward"), (10.0, 30.0, "backward")]
+    on_other_thread = NS(cpu_parent=None, time_range=NS(start=12.0))  # e.g. CUDA's autograd device thread
+    assert pf.phase_of(on_other_thread, marks) == "backward"
+    nested = NS(cpu_parent=NS(name="s2ft_phase:optimizer", cpu_parent=None), time_range=NS(start=12.0))
+    assert pf.phase_of(nested, marks) == "optimizer"  # an enclosing mark wins over the time rule
+    assert pf.phase_of(NS(cpu_parent=None, time_range=NS(start=31.0)), marks) is None

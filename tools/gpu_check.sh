@@ -5,11 +5,13 @@
 #   3. pytest -m cuda
 #   4. tools/bench.py train --config gpu-7b             (eager), then --compile-only (torch.compile)
 #   5. tools/bench.py train --config sweep              (512..4096 tokens, eager)
+#      tools/bench.py profile --config gpu-7b           (phase x op-kind breakdown, if time is left)
 #   6. plots
 # Everything lands in $OUT (default ./out); the whole script stays within ~8 minutes (timeout per stage).
 # GPU_CHECK_DRY=1: CPU dry run of the same logic (pip --dry-run, tiny CPU bench instead of the GPU stages);
 # GPU_CHECK_FORCE_WHEELS=1 installs every carried wheel even when the package already imports.
-# Stage budgets (s) can be changed with T_PYTEST, T_7B, T_7B_COMPILE, T_SWEEP; TOTAL_S caps the whole script.
+# Stage budgets (s) can be changed with T_PYTEST, T_7B, T_7B_COMPILE, T_SWEEP, T_PROFILE; TOTAL_S caps the whole
+# script.
 # Bring the wheels with tools/fetch_wheels.sh (on a machine with registry access).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +26,7 @@ T_PYTEST=${T_PYTEST:-90}
 T_7B=${T_7B:-90}
 T_7B_COMPILE=${T_7B_COMPILE:-190}
 T_SWEEP=${T_SWEEP:-90}
+T_PROFILE=${T_PROFILE:-60}
 START=$(date +%s)
 LOG="$OUT/gpu_check.log"
 SUMMARY="$OUT/summary.txt"
@@ -123,6 +126,8 @@ if [ "$DRY" = 1 ]; then
     --warmup 1 --out "$OUT/train-tiny.json"
   stage bench_sweep "$T_SWEEP" $PY tools/bench.py train --config tiny --modes frozen s2ft --seq 16 32 \
     --steps 1 --warmup 0 --no-isolate --out "$OUT/train-tiny-sweep.json"
+  stage profile "$T_PROFILE" $PY tools/bench.py profile --config tiny --modes frozen s2ft lora --steps 1 \
+    --out "$OUT/profile-tiny.json"
 else
   # Compiled modes in target order: a timeout then drops the least needed ones (full, lora_all).
   stage bench_gpu_7b "$T_7B" $PY tools/bench.py train --config gpu-7b --out "$OUT/train-gpu-7b.json"
@@ -132,6 +137,9 @@ else
   stage bench_gpu_7b_compile "$T_7B_COMPILE" $PY tools/bench.py train --config gpu-7b --compile-only \
     --modes frozen s2ft lora lora_all full --out "$OUT/train-gpu-7b-compile.json"
   stage bench_sweep "$T_SWEEP" $PY tools/bench.py train --config sweep --out "$OUT/train-sweep.json"
+  # Last, with what time is left: where each mode's step goes (explains a missed ratio target).
+  stage profile_gpu_7b "$T_PROFILE" $PY tools/bench.py profile --config gpu-7b --modes frozen s2ft lora \
+    --steps 3 --out "$OUT/profile-gpu-7b.json"
 fi
 
 # ---- 6. plots
