@@ -114,6 +114,16 @@ def _pick_split(n: int, tiles: int, device: torch.device, block_n: int) -> int:
     return max(1, min(want, triton.cdiv(n, 4 * block_n)))
 
 
+def launch_config(a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[bool, tuple[int, int, int]]:
+    """(UPCAST, (BLOCK_M, BLOCK_P, BLOCK_N)) the wrapper launches for these operand dtypes.
+
+    fp32 or mixed operands are upcast and multiplied with IEEE fp32 precision (no TF32); equal 16-bit operands
+    go to the tensor cores directly. Under the interpreter everything is upcast.
+    """
+    upcast = interpreting() or a_dtype == torch.float32 or b_dtype == torch.float32 or a_dtype != b_dtype
+    return upcast, (64, 64, 64) if interpreting() else (64, 64, 32 if upcast else 64)
+
+
 def tn_matmul_triton(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -143,10 +153,8 @@ def tn_matmul_triton(
     ib = runs_index(b_runs, b.device) if b_runs is not None else None
     m = ia.numel() if ia is not None else a.shape[1]
     p = ib.numel() if ib is not None else b.shape[1]
-    upcast = interpreting() or a.dtype == torch.float32 or b.dtype == torch.float32 or a.dtype != b.dtype
-    if block is None:
-        block = (64, 64, 64) if interpreting() else (64, 64, 32 if upcast else 64)
-    bm, bp, bn = block
+    upcast, auto_block = launch_config(a.dtype, b.dtype)
+    bm, bp, bn = block or auto_block
     tiles = triton.cdiv(m, bm) * triton.cdiv(p, bp)
     split = split or _pick_split(n, tiles, a.device, bn)
     n_per_split = triton.cdiv(triton.cdiv(n, split), bn) * bn

@@ -107,7 +107,7 @@ def _check(y: torch.Tensor, x: torch.Tensor, aid: torch.Tensor, idx: torch.Tenso
         raise ValueError("packed idx must be contiguous int32 and deltas contiguous float32")
 
 
-def _blocks(T: int, n: int) -> tuple[int, int, int]:
+def launch_blocks(T: int, n: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_N, BLOCK_K): small, >= 16 (tl.dot minimum), 64-128 when interpreting."""
     bt = 16 if T <= 16 else (32 if T <= 32 else 64)
     bn = 64 if (interpreting() or n <= 64) else 128
@@ -128,7 +128,7 @@ def cols_term_(
     OUT, K = delta.shape[1], delta.shape[2]
     if B == 0 or T == 0 or K == 0:
         return y
-    bt, bo, bk = _blocks(T, OUT)
+    bt, bo, bk = launch_blocks(T, OUT)
     grid = (B, triton.cdiv(T, bt), triton.cdiv(OUT, bo))
     _cols_kernel[grid](
         x, y, aid, idx, delta, kcnt, T, OUT, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
@@ -151,7 +151,7 @@ def rows_term_(
     K = delta.shape[1]
     if B == 0 or T == 0 or K == 0:
         return y
-    bt, bj, bk = _blocks(T, K)
+    bt, bj, bk = launch_blocks(T, K)
     grid = (B, triton.cdiv(T, bt), triton.cdiv(K, bj))
     _rows_kernel[grid](
         x, y, aid, idx, delta, kcnt, T, IN, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
