@@ -335,6 +335,8 @@ def measure(mode: str, cfg: dict[str, Any], compiled: bool, seqs: Sequence[int],
         base["compile_scope"] = cfg.get("compile_scope", "layers")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+        # Runs share one process on GPU: memory still held by an earlier mode would inflate this one's peak.
+        base["alloc_at_start_mib"] = _mib(torch.cuda.memory_allocated(dev))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     _preimport()  # same libraries loaded in every mode, so RSS differences are the mode's own
