@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,16 @@ def test_print_config_shows_the_resolved_recipe(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["s2"]["d_ratio"] == 0.05
     assert printed["model"]["s2"]["o_ratio"] == 0.05
+
+
+def test_console_script_reads_sys_argv_without_lightning_warning(monkeypatch, capsys):
+    quick = next(c for c in CONFIGS if c.stem == "quickstart")
+    monkeypatch.setattr(sys, "argv", ["s2ft", "fit", "--config", str(quick), "--print_config"])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as e:
+        warnings.simplefilter("always")
+        main()  # how the `s2ft` entry point calls it
+    assert e.value.code == 0 and yaml.safe_load(capsys.readouterr().out)["model"]["s2"]["o_ratio"] == 0.05
+    assert not [w for w in caught if "args parameter" in str(w.message)]
 
 
 def _bad(tmp_path, mutate) -> Path:
