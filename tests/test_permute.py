@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from tiny_models import assert_same, state, tiny_llama
 
 from surgery import permute as permute_mod
 from surgery.analyze import analyze
@@ -25,23 +26,6 @@ from surgery.permute import (
 from surgery.structures import Coupling, Member
 from surgery.tiny import SUPPORTED_TINY, tiny_model
 from surgery.verify import VerificationError, verify_function
-
-
-def tiny_llama(**kw) -> torch.nn.Module:
-    """The brief's tiny GQA Llama: 4 q heads, 2 kv heads, head_dim 8, hidden 32, intermediate 48, 2 layers."""
-    base = dict(num_key_value_heads=2, head_dim=8, attention_bias=True, mlp_bias=True)
-    return tiny_model("llama", **{**base, **kw})
-
-
-def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
-
-
-def assert_same(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
-    now = state(model)
-    assert now.keys() == before.keys()
-    changed = [n for n in now if not torch.equal(now[n], before[n])]
-    assert not changed, f"parameters changed: {changed}"
 
 
 def random_legal_perm(c: Coupling, rng: random.Random) -> list[int]:

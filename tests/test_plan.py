@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from tiny_models import assert_same, state, tiny_llama
 
 from surgery.analyze import analyze
 from surgery.permute import IllegalPermutation
@@ -16,21 +17,6 @@ from surgery.planner import applied_plan_id, apply_plan, make_plan, matched_lora
 from surgery.tiny import SUPPORTED_TINY, tiny_model
 
 RATIOS = dict(o_ratio=0.5, v_ratio=0.5, u_ratio=0.1, d_ratio=0.1)
-
-
-def tiny_llama(**kw) -> torch.nn.Module:
-    base = dict(num_key_value_heads=2, head_dim=8, attention_bias=True, mlp_bias=True)
-    return tiny_model("llama", **{**base, **kw})
-
-
-def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
-
-
-def assert_same(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
-    now = state(model)
-    changed = [n for n in now if not torch.equal(now[n], before[n])]
-    assert not changed, f"parameters changed: {changed}"
 
 
 def assert_slices_match(plan: S2Plan, permuted: torch.nn.Module, original: dict[str, torch.Tensor]) -> None:

@@ -6,15 +6,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from surgery.analyze import analyze
 from surgery.select import STRATEGIES, SelectionError, role_level_size, select
 from surgery.tiny import tiny_model
-
-
-def tiny_llama(**kw) -> torch.nn.Module:
-    base = dict(num_key_value_heads=2, head_dim=8, attention_bias=True, mlp_bias=True)
-    return tiny_model("llama", **{**base, **kw})
 
 
 def calibration(n: int = 2, vocab: int = 128) -> list[dict[str, torch.Tensor]]:
