@@ -67,8 +67,8 @@ def variants(quick: bool = False) -> list[tuple[str, Any, dict[str, str], dict[s
             if (dt, bt, bw, bk) in seen:
                 continue
             seen.add((dt, bt, bw, bk))
-            types = dict(x_ptr="*" + _TY[dt], y_ptr="*" + _TY[dt], aid_ptr="*i32", idx_ptr="*i32", d_ptr="*fp32")
-            types["k_ptr"] = "*i32"
+            types = dict(x_ptr="*" + _TY[dt], y_ptr="*" + _TY[dt], d_ptr="*fp32")
+            types |= dict.fromkeys(("aid_ptr", "idx_ptr", "k_ptr"), "*i32")
             const = {"BLOCK_T": bt, width: bw, "BLOCK_K": bk, "IEEE": True}
             out.append((f"serve_{name} {_TY[dt]} T{bt} {width[6:]}{bw}", kernel, types, const))
     ptrs = ("p_ptrs", "g_ptrs", "m_ptrs", "v_ptrs", "numels", "chunk_tensor", "chunk_start")

@@ -12,7 +12,9 @@ def interpreting() -> bool:
 
 def check_interpreter() -> None:
     """Raise a clear error, before launching, when the interpreter cannot run our kernels (see ops)."""
+    if not interpreting():  # GPU launches pay one env lookup
+        return
     from s2ft_lightning.ops import installed_interpreter_problem
 
-    if interpreting() and (why := installed_interpreter_problem()):
+    if why := installed_interpreter_problem():
         raise RuntimeError(why)
