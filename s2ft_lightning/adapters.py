@@ -118,10 +118,6 @@ class BlockDelta:
     base_checks: list[BaseCheck] = field(default_factory=list)
 
     @property
-    def index_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.indices, dtype=torch.long)
-
-    @property
     def key(self) -> str:
         return f"{self.module}.{'rows' if self.feature == 'out' else 'cols'}"
 

@@ -88,9 +88,6 @@ class S2Plan:
     certificate: dict[str, Any] | None = None
     format_version: int = PLAN_FORMAT_VERSION
 
-    def slices_for(self, module: str) -> list[BlockSlice]:
-        return [s for s in self.slices if s.module == module]
-
     @property
     def modules(self) -> list[str]:
         return sorted({s.module for s in self.slices})
