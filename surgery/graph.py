@@ -1,6 +1,6 @@
 """torch-pruning DependencyGraph with the fixes our models need, and a cross-check of couplings against it.
 
-Fixes over torch-pruning 1.6.1 (see DESIGN.md, "Facts measured"): trace in eager attention (sdpa hides
+Fixes over torch-pruning 1.6.1 (docs/ARCHITECTURE.md, "Measured facts"): trace in eager attention (sdpa hides
 ``repeat_kv``), skip negative-dim concats in index mapping (``rotate_half``'s ``cat(dim=-1)`` makes the
 GQA index maps cycle forever, VainF/Torch-Pruning#527), a time budget on every traversal so nothing can
 hang, a pruner entry for GPT-2 ``Conv1D``, 3-D MoE parameters declared along their hidden axis, and the

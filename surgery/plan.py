@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,8 +19,10 @@ import torch
 
 PLAN_FORMAT_VERSION = 1
 
-# Config keys that describe how a model was stored, not what it computes.
-_VOLATILE_CONFIG_KEYS = {
+# Config keys that do not change what the model computes from input ids: how it was stored, which tokens a
+# tokenizer or generation uses, label names. Loading code fills some of them in (e.g. ``pad_token_id`` from the
+# tokenizer when a Llama config has null), so hashing them would make a base refuse its own adapters.
+_NON_FUNCTION_CONFIG_KEYS = {
     "_name_or_path",
     "transformers_version",
     "torch_dtype",
@@ -27,27 +30,59 @@ _VOLATILE_CONFIG_KEYS = {
     "architectures",
     "_attn_implementation",
     "_attn_implementation_autoset",
+    "_experts_implementation",
     "attn_implementation",
     "use_cache",
     "output_attentions",
     "output_hidden_states",
     "return_dict",
     "_commit_hash",
+    "tokenizer_class",
+    "prefix",
+    "task_specific_params",
+    "id2label",
+    "label2id",
+    "finetuning_task",
+    "problem_type",
+    "generation_config",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "num_beams",
+    "temperature",
+    "top_k",
+    "top_p",
+    "chunk_size_feed_forward",
+    "torchscript",
 }
+
+
+def _function_config(config: Any) -> dict:
+    """The config fields that determine the computed function (`_NON_FUNCTION_CONFIG_KEYS` and ``*_token_id(s)``
+    left out)."""
+    return {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in _NON_FUNCTION_CONFIG_KEYS and not k.endswith(("_token_id", "_token_ids"))
+    }
 
 
 class PlanError(ValueError):
     """A plan that cannot be read, or does not belong to the model it is applied to."""
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of the model's config (minus storage-only keys) and parameter names and shapes."""
+def model_fingerprint(model: torch.nn.Module, exclude: Callable[[str], bool] | None = None) -> str:
+    """Hash of what fixes the model's function up to its weights: architecture config fields and parameter
+    names and shapes. Token ids, tokenizer, generation and storage fields are left out, so loading a base (which
+    may fill in ``pad_token_id``) never changes it; the weights themselves are checked per adapter/checkpoint
+    by hashes of the touched base values. ``exclude(name)`` leaves parameters out (e.g. added trainable ones)."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        cfg = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+        h.update(json.dumps(_function_config(config), sort_keys=True, default=str).encode())
     for name, p in model.named_parameters(remove_duplicate=False):
+        if exclude is not None and exclude(name):
+            continue
         h.update(f"{name}:{tuple(p.shape)};".encode())
     return h.hexdigest()[:16]
 

@@ -1,8 +1,9 @@
 """Build an `S2Plan` (selection → legal permutations → block slices) and apply it verified, all-or-nothing.
 
 The plan stores the couplings it permutes (``settings["couplings"]``) so a saved plan can be applied
-to a fresh copy of the same model without re-analysing it. A model remembers the plan applied to it
-(attribute ``_s2ft_applied_plan``) so surgery is never done twice.
+to a fresh copy of the same model without re-analysing it, and checked: its slices must follow from its
+permutations and selection. A model carries the plan applied to it (attribute ``_s2ft_applied_plan``, the
+one "applied" marker) so surgery is never done twice, and `unapply_plan` undoes it.
 """
 
 from __future__ import annotations
@@ -41,9 +42,15 @@ def plan_id(plan: S2Plan) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def applied_plan(model: torch.nn.Module) -> S2Plan | None:
+    """The plan ``model`` is permuted by (with its certificate), or None for an untouched model."""
+    return model.__dict__.get(APPLIED_ATTR)
+
+
 def applied_plan_id(model: torch.nn.Module) -> str | None:
     """Id of the plan already applied to ``model`` (None for an untouched model)."""
-    return getattr(model, APPLIED_ATTR, None)
+    plan = applied_plan(model)
+    return None if plan is None else plan_id(plan)
 
 
 def _structures(model: torch.nn.Module, structures: ModelStructures | None) -> ModelStructures:
@@ -155,6 +162,43 @@ def make_plan(
     return plan
 
 
+def check_plan_consistency(plan: S2Plan) -> None:
+    """Refuse a plan whose slices do not follow from its stored couplings, permutations and selection.
+
+    Catches a plan file edited by hand (runs shifted, ``original`` reordered, units changed): such a plan
+    would train the wrong rows/columns and extract adapters at the wrong indices. Plans without stored
+    couplings (made from bare slices) are not checked.
+    """
+    stored = plan.settings.get("couplings")
+    if stored is None:
+        return
+    try:
+        couplings = [Coupling.from_dict(d) for d in stored]
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(f"plan's stored couplings are malformed: {type(e).__name__}: {e}") from e
+    expected: list[BlockSlice] = []
+    for c in couplings:
+        if c.name not in plan.permutations or c.name not in plan.selected:
+            raise PlanError(f"plan stores coupling {c.name!r} but has no permutation or selection for it")
+        perm, chosen = plan.permutations[c.name], plan.selected[c.name]
+        if sorted(perm) != list(range(c.size)):
+            raise PlanError(f"plan permutation for {c.name!r} is not a permutation of the coupling's {c.size} units")
+        try:
+            ordered = {r: chosen[r] for r in ("o", "v", "down", "up") if r in chosen}
+            expected += _slices(c, perm, ordered)
+        except (KeyError, IndexError, ValueError) as e:
+            raise PlanError(f"plan selection for {c.name!r} does not fit the coupling: {type(e).__name__}: {e}") from e
+    if expected != plan.slices:
+        bad = next(
+            (f"{s.module} ({s.role})" for s, t in zip(plan.slices, expected) if s != t),
+            f"{len(plan.slices)} slices listed, {len(expected)} expected",
+        )
+        raise PlanError(
+            f"the plan's slices do not follow from its permutations and selection (first mismatch: {bad}); "
+            "was the plan file edited? Re-create it with make_plan or restore the saved copy"
+        )
+
+
 def _plan_couplings(model, plan: S2Plan, structures: ModelStructures | None) -> list[tuple[Coupling, list[int]]]:
     stored = plan.settings.get("couplings")
     if stored is not None:
@@ -246,6 +290,7 @@ def apply_plan(
     items = _plan_couplings(model, plan, structures)
     for c, perm in items:  # every legality check before anything is touched
         check_permutation(c, perm)
+    check_plan_consistency(plan)  # the slices must follow from the (legal) permutations
     tied = [tuple(t) for t in plan.settings.get("tied", [])]
 
     def mutate() -> None:  # under verify, verify_function's snapshot of the same tensors is the rollback
@@ -264,8 +309,41 @@ def apply_plan(
     else:
         mutate()
     result = dataclasses.replace(plan, certificate=certificate)
-    setattr(model, APPLIED_ATTR, plan_id(plan))
+    model.__dict__[APPLIED_ATTR] = result  # a plain attribute: not a submodule, not in the state dict
     return result
 
 
-__all__ = ["APPLIED_ATTR", "IllegalPermutation", "applied_plan_id", "apply_plan", "make_plan", "plan_id"]
+def unapply_plan(model: torch.nn.Module, *, verify: bool = True) -> S2Plan:
+    """Undo the permutations of the plan applied to ``model`` (in place) and clear the applied marker.
+
+    With ``verify`` the function is checked unchanged (and the model restored on failure). Layers installed
+    on top (``s2ft_lightning.layers``) must be removed first: the inverse permutation is of plain modules.
+    """
+    plan = applied_plan(model)
+    if plan is None:
+        raise PlanError("this model carries no applied S2 plan; there is nothing to undo")
+    items = [(c, inverse(perm)) for c, perm in _plan_couplings(model, plan, None)]
+    tied = [tuple(t) for t in plan.settings.get("tied", [])]
+
+    def mutate() -> None:
+        apply_permutations(model, items, tied=tied, transactional=not verify)
+
+    if verify:
+        verify_function(model, mutate, restore=touched_tensors(model, [c for c, _ in items]))
+    else:
+        mutate()
+    del model.__dict__[APPLIED_ATTR]
+    return plan
+
+
+__all__ = [
+    "APPLIED_ATTR",
+    "IllegalPermutation",
+    "applied_plan",
+    "applied_plan_id",
+    "apply_plan",
+    "check_plan_consistency",
+    "make_plan",
+    "plan_id",
+    "unapply_plan",
+]
