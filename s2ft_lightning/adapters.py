@@ -194,29 +194,28 @@ def block_delta(
     module: str,
     feature: Feature,
     original: Iterable[int],
-    trained: torch.Tensor,
+    delta: torch.Tensor,
     base: torch.Tensor,
     other_perm: list[int] | None = None,
 ) -> BlockDelta:
-    """Delta of one trained block, moved to original index space.
+    """One trained block moved to original index space.
 
-    ``trained``/``base`` are the block in trained-position order (rows ``(k, in)`` or columns ``(out, k)``,
-    logical orientation); ``base`` in the base dtype. ``other_perm`` (new -> old) un-permutes the other axis
-    when the module's non-trained axis was permuted too.
+    ``delta``/``base`` are the block's update and the base values under it, in trained-position order (rows
+    ``(k, in)`` or columns ``(out, k)``, logical orientation); ``base`` in the base dtype. ``other_perm``
+    (new -> old) un-permutes the other axis when the module's non-trained axis was permuted too.
     """
     original = [int(i) for i in original]
     axis = 0 if feature == "out" else 1
-    if trained.shape != base.shape or trained.shape[axis] != len(original):
+    if delta.shape != base.shape or delta.shape[axis] != len(original):
         raise AdapterError(
-            f"{module}: trained block {tuple(trained.shape)} / base block {tuple(base.shape)} do not match "
+            f"{module}: delta {tuple(delta.shape)} / base block {tuple(base.shape)} do not match "
             f"{len(original)} trained {feature!r} features"
         )
     if other_perm is not None:
         inv = torch.argsort(torch.tensor(other_perm))
-        trained, base = trained.index_select(1 - axis, inv), base.index_select(1 - axis, inv)
+        delta, base = delta.index_select(1 - axis, inv), base.index_select(1 - axis, inv)
     base = base.detach().cpu()
-    delta = trained.detach().cpu().float() - base.float()
-    return BlockDelta(module, feature, original, delta.contiguous(), [BaseCheck.of(base)])
+    return BlockDelta(module, feature, original, delta.detach().cpu().float().contiguous(), [BaseCheck.of(base)])
 
 
 def diff_adapter(
@@ -234,10 +233,9 @@ def diff_adapter(
         shapes[mod_name], kinds[mod_name] = tuple(wb.shape), module_kind(mb)
         for feature, idx in feats.items():
             idx_t = torch.tensor([int(i) for i in idx], dtype=torch.long)
-            blocks.append(
-                block_delta(mod_name, feature, idx_t.tolist(), read_block(wt, feature, idx_t),
-                            read_block(wb, feature, idx_t))
-            )  # fmt: skip
+            base_vals = read_block(wb, feature, idx_t)
+            delta = read_block(wt, feature, idx_t).float() - base_vals.float()
+            blocks.append(block_delta(mod_name, feature, idx_t.tolist(), delta, base_vals))
     adapter = Adapter(blocks, model_fingerprint(base), shapes, kinds, base_model=base_model, name=name)
     adapter.validate()
     return adapter
@@ -249,10 +247,11 @@ def extract_adapter(
     base_model: str | None = None,
     name: str | None = None,
 ) -> Adapter:
-    """Read the trained S2 blocks of an installed (permuted) model into an adapter in original index space.
+    """Read the trained S2 deltas of an installed (permuted) model into an adapter in original index space.
 
-    delta = trained block (the fp32 master when there is one) - base values kept by the S2 wrapper.
-    Several slices of one module and feature (e.g. GQA runs split over slices) become one block.
+    The delta is the layer's trained update as is (the fp32 master when there is one); the base checks hash
+    the frozen base values under it. Several slices of one module and feature (e.g. GQA runs split over
+    slices) become one block.
     """
     from s2ft_lightning.layers import S2Linear
 
@@ -274,8 +273,8 @@ def extract_adapter(
         i = match[0]
         shapes[s.module] = (wrapper.out_features, wrapper.in_features)
         kinds[s.module] = "conv1d" if wrapper.transposed else "linear"
-        trained, base = wrapper.blocks[i], getattr(wrapper, f"base_values_{i}")
-        parts.setdefault((s.module, s.feature), []).append(block_delta(s.module, s.feature, s.original, trained, base))
+        delta, base = wrapper.deltas[i], wrapper.base_block(i)
+        parts.setdefault((s.module, s.feature), []).append(block_delta(s.module, s.feature, s.original, delta, base))
     blocks = []
     for (module, feature), bs in parts.items():
         if len(bs) == 1:
@@ -341,7 +340,7 @@ def check_base(model: torch.nn.Module, adapter: Adapter, read=None) -> None:
 
 # ------------------------------------------------------------------------------------------ directories
 def _config_dict(adapter: Adapter) -> dict:
-    from s2ft_lightning import __version__
+    from s2ft_lightning._version import __version__
 
     modules: dict[str, Any] = {}
     for b in adapter.blocks:

@@ -2,49 +2,79 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from s2ft_lightning.pipeline import S2Config, applied_plan, prepare_model
+from s2ft_lightning.attach import CHECKPOINT_KEY, S2Attachment
+from s2ft_lightning.layers import installed
+from s2ft_lightning.pipeline import S2Config, applied_plan
 from surgery.plan import S2Plan
 
 log = logging.getLogger(__name__)
 
 
-def _target(pl_module: L.LightningModule, submodule: str) -> nn.Module:
-    try:
-        return pl_module.get_submodule(submodule) if submodule else pl_module
-    except AttributeError as e:
-        names = [n for n, _ in pl_module.named_children()]
-        raise ValueError(
-            f"S2FT callback: {type(pl_module).__name__} has no submodule {submodule!r}; "
-            f"its children are {names}. Pass submodule= the attribute path of the HF model."
-        ) from e
-
-
 class S2FT(Callback):
-    """Apply S²FT to ``submodule`` of any LightningModule at setup.
+    """Apply S²FT to ``submodule`` of any LightningModule, through the same path as `S2FTModule`.
 
-    Selection, permutation, verification and layer installation run before the user's
-    `configure_optimizers`; at fit start frozen parameters are dropped from every optimizer, so the
-    optimizer only ever holds the block parameters even when it was built from ``self.parameters()``.
+    The model is prepared before the user's `configure_optimizers`: right after `configure_model` when the
+    module builds its model there (Lightning's lazy pattern), else at setup. At fit start frozen parameters
+    are dropped from every optimizer, so an optimizer built from ``self.parameters()`` holds only what trains.
+    Checkpoints hold the trained deltas, the plan and the base identity instead of the frozen base; resuming
+    with ``ckpt_path`` applies the checkpoint's plan. To reload in a fresh process, build the module as for
+    training and call ``s2ft_lightning.load_checkpoint(module, path)`` (strict key checking).
     """
 
-    def __init__(self, submodule: str = "model", s2: S2Config | None = None, plan_path: str | None = None):
-        self.submodule = submodule
-        self.s2 = s2 or S2Config()
-        self.plan_path = plan_path
-        self.plan: S2Plan | None = None
+    def __init__(
+        self,
+        submodule: str = "model",
+        s2: S2Config | None = None,
+        plan_path: str | None = None,
+        calibration_batches: int = 4,
+    ):
+        self.attachment = S2Attachment(
+            s2 or S2Config(), submodule=submodule, plan_path=plan_path, calibration_batches=calibration_batches
+        )
+
+    @property
+    def plan(self) -> S2Plan | None:
+        return self.attachment.plan
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        target = _target(pl_module, self.submodule)
-        plan = S2Plan.load(self.plan_path) if self.plan_path else None
-        self.plan = prepare_model(target, self.s2, plan=plan)
+        if is_overridden("configure_model", pl_module):
+            self._run_after(pl_module, "configure_model", trainer)
+        elif _has(pl_module, self.attachment.submodule):
+            self.attachment.prepare(pl_module, trainer)
+        else:  # built in the module's own setup hook, which Lightning runs after the callbacks'
+            self._run_after(pl_module, "setup", trainer)
+
+    def _run_after(self, pl_module: L.LightningModule, hook: str, trainer: L.Trainer) -> None:
+        """Wrap the instance's ``hook`` so that S²FT prepares the model as soon as it returns."""
+        if hook in pl_module.__dict__:
+            return  # already wrapped for this module
+        original = getattr(pl_module, hook)
+        attachment = self.attachment
+
+        @functools.wraps(original)
+        def wrapped(*args, **kwargs):
+            out = original(*args, **kwargs)
+            attachment.prepare(pl_module, trainer)
+            return out
+
+        pl_module.__dict__[hook] = wrapped
+        self._wrapped = (pl_module, hook)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        module, hook = getattr(self, "_wrapped", (None, None))
+        if module is not None:
+            module.__dict__.pop(hook, None)
+            self._wrapped = (None, None)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for opt in trainer.optimizers:
@@ -54,23 +84,36 @@ class S2FT(Callback):
                 kept += len(group["params"])
             if kept == 0:
                 raise RuntimeError(
-                    "S2FT callback: the optimizer holds none of the S2 block parameters; build it from "
+                    "S2FT callback: the optimizer holds none of the S2 delta parameters; build it from "
                     "self.parameters() (or the trainable ones) in configure_optimizers"
                 )
+        out = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
+        if trainer.is_global_zero:
+            self.attachment.write_provenance(out)
 
-    def state_dict(self) -> dict:
-        return {"plan": None if self.plan is None else self.plan.to_dict()}
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self.attachment.plan is not None:
+            checkpoint[CHECKPOINT_KEY] = self.attachment.checkpoint_metadata(pl_module)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict.get("plan")
-        if saved and self.plan is not None and saved["slices"] != self.plan.to_dict()["slices"]:
-            raise ValueError("checkpoint holds a different S2 plan than the one this S2FT callback applied")
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Lightning loads the module's state before the callbacks': when the checkpoint brings another plan,
+        # re-prepare with it and load the state again (no optimizer exists yet).
+        if self.attachment.reconcile(pl_module, checkpoint):
+            pl_module.load_state_dict(checkpoint["state_dict"], strict=pl_module.strict_loading)
+
+
+def _has(pl_module: nn.Module, name: str) -> bool:
+    try:
+        pl_module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _find_plan_model(pl_module: L.LightningModule) -> tuple[nn.Module, S2Plan]:
     for m in pl_module.modules():
         plan = applied_plan(m)
-        if plan is not None:
+        if plan is not None and installed(m):
             return m, plan
     raise RuntimeError("no S2FT-prepared model found in this LightningModule (use S2FTModule or the S2FT callback)")
 

@@ -13,35 +13,28 @@ import torch
 from torch import nn
 
 from s2ft_lightning import layers
-from surgery.analyze import analyze
-from surgery.permute import apply_permutations, inverse, touched_tensors
-from surgery.plan import S2Plan
-from surgery.verify import verify_function
+from s2ft_lightning.pipeline import applied_plan
+from surgery.plan import PlanError, S2Plan
+from surgery.planner import plan_id, unapply_plan
 
 
-def unpermute(model: nn.Module, plan: S2Plan, *, verify: bool = True) -> None:
-    """Undo ``plan``'s permutations on a plain (uninstalled) model, in place, proving the function is kept."""
-    structures = analyze(model)
-    items = [(structures[name], inverse(perm)) for name, perm in plan.permutations.items()]
+def merged_copy(model: nn.Module, plan: S2Plan | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """A deep copy of ``model`` with the deltas folded in, S2 layers removed and the original order restored.
 
-    def mutate() -> None:
-        apply_permutations(model, items, tied=structures.tied)
-
-    if verify:
-        verify_function(model, mutate, restore=touched_tensors(model, [c for c, _ in items]))
-    else:
-        mutate()
-
-
-def merged_copy(model: nn.Module, plan: S2Plan, dtype: torch.dtype | None = None) -> nn.Module:
-    """A deep copy of ``model`` with the trained blocks folded in, S2 layers removed and order restored."""
+    The copy is a stock model (no applied plan, every parameter trainable as loaded); the unpermutation is
+    verified to keep the function. ``plan`` defaults to the one applied to ``model``.
+    """
+    applied = applied_plan(model)
+    if applied is None:
+        raise PlanError("this model carries no applied S2 plan: it is not an S²FT-prepared model")
+    if plan is not None and plan_id(plan) != plan_id(applied):
+        raise PlanError("the plan given is not the one applied to this model; pass the model's own plan or None")
     out = copy.deepcopy(model)
-    if hasattr(out, "_s2ft_plan"):
-        object.__delattr__(out, "_s2ft_plan")
-    layers.uninstall(out, merge=True)
+    if layers.installed(out):
+        layers.uninstall(out, merge=True)
     for p in out.parameters():
         p.requires_grad_(True)
-    unpermute(out, plan)
+    unapply_plan(out)
     if dtype is not None:
         out.to(dtype)
     return out
@@ -49,7 +42,7 @@ def merged_copy(model: nn.Module, plan: S2Plan, dtype: torch.dtype | None = None
 
 def export_merged(
     model: nn.Module,
-    plan: S2Plan,
+    plan: S2Plan | None,
     out_dir: str | os.PathLike,
     *,
     tokenizer: Any = None,

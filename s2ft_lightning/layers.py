@@ -1,28 +1,63 @@
-"""Install / uninstall S2 wrappers around the planned linear modules of a (permuted) model.
+"""Install / uninstall S2 layers around the planned linear modules of a (permuted) model.
 
-Each trainable block is one small contiguous ``nn.Parameter`` (rows ``(k, in)`` for ``feature="out"``,
-columns ``(out, k)`` for ``feature="in"``, logical ``[out, in]`` orientation also for Conv1D). The block is
-kept merged in the frozen weight: before each forward, a block changed since the last sync (tracked by
-``param._version``) is cast and copied into the weight's block positions, so the forward is a plain linear
-on the frozen weight (same FLOPs as the frozen model) and any optimizer, accumulation or checkpointing works.
-The base values at the block positions are kept in a buffer so ``uninstall(merge=False)`` is bit-exact.
+An `S2Linear` keeps the frozen base module's weight untouched and adds one small trainable ``nn.Parameter``
+per block, holding the *update* ``Δ`` (zeros at install): rows ``(k, in)`` for ``feature="out"``, columns
+``(out, k)`` for ``feature="in"``, in logical ``[out, in]`` orientation also for Conv1D. The forward is
+``base(x) + block terms`` (``ops.delta_linear``), so the delta parameter is the one place the trained state
+lives: any optimizer (fused, foreach, Triton, ``p.data`` writes) reaches the next forward, weight decay pulls
+the update toward the pretrained values, and uninstalling without merging is bit-exact by construction.
+
+State dicts come in two forms (docs/ARCHITECTURE.md, "Trained state"):
+- ``"merged"`` (default): a stock module's keys, ``weight`` = ``cast(base_fp32 + Δ)`` at the blocks and no
+  delta keys. ``save_pretrained`` and ``torch.save(model.state_dict())`` therefore write the trained model, and
+  stock ``from_pretrained`` loads it (the permuted layout computes the same function). Loading a merged-form
+  dict into an installed model moves the difference to the base back into the deltas.
+- ``"split"`` (inside ``state_dict_form("split")``): ``weight`` = base and ``delta_<i>`` keys; what
+  checkpoints are cut from (`trainable_state_dict` keeps only the trainable keys).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from surgery.plan import BlockSlice, S2Plan
+from surgery.planner import applied_plan_id, plan_id
 
-from .ops import gather_runs, partial_linear
+from .ops import delta_linear, gather_runs, merged_weight, weight_logical
 
-__all__ = ["S2InstallError", "S2Linear", "block_parameters", "install", "installed", "trainable_state", "uninstall"]
+__all__ = [
+    "S2InstallError",
+    "S2Linear",
+    "block_parameters",
+    "check_installable",
+    "install",
+    "installed",
+    "state_dict_form",
+    "trainable_state",
+    "trainable_state_dict",
+    "uninstall",
+]
 
 _STATE_ATTR = "_s2ft_saved_requires_grad"
+_FORM: ContextVar[str] = ContextVar("s2ft_state_dict_form", default="merged")
+FORMS = ("merged", "split")
+
+
+@contextlib.contextmanager
+def state_dict_form(form: str) -> Iterator[None]:
+    """Within this block, S2 layers write state dicts in ``form`` ("merged" or "split")."""
+    if form not in FORMS:
+        raise ValueError(f"state dict form {form!r} is not one of {FORMS}")
+    token = _FORM.set(form)
+    try:
+        yield
+    finally:
+        _FORM.reset(token)
 
 
 class S2InstallError(ValueError):
@@ -45,7 +80,7 @@ def _block_shape(feature: str, runs: Sequence[tuple[int, int]], out_f: int, in_f
 
 
 class S2Linear(nn.Module):
-    """A frozen Linear/Conv1D whose planned blocks train as small parameters merged into its weight."""
+    """A frozen Linear/Conv1D plus trainable deltas on its planned rows/columns: ``y = x (W + Δ)ᵀ + b``."""
 
     def __init__(self, base: nn.Module, slices: Sequence[BlockSlice], master_dtype: torch.dtype | None = None):
         super().__init__()
@@ -60,57 +95,74 @@ class S2Linear(nn.Module):
         self.slices = [BlockSlice(s.module, s.role, s.feature, list(s.runs), list(s.original)) for s in slices]
         self.specs = tuple((s.feature, tuple((int(a), int(b)) for a, b in s.runs)) for s in self.slices)
         dtype = master_dtype or self.weight.dtype
-        self.blocks = nn.ParameterList()
-        with torch.no_grad():
-            for i, (feature, runs) in enumerate(self.specs):
-                vals = self._read_block(feature, runs)
-                self.register_buffer(f"base_values_{i}", vals.clone().contiguous())
-                self.blocks.append(nn.Parameter(vals.to(dtype).clone().contiguous(), requires_grad=True))
-        self._synced = [self._sync_key(b) for b in self.blocks]
+        for i, (feature, runs) in enumerate(self.specs):
+            shape = _block_shape(feature, runs, self.out_features, self.in_features)
+            self.register_parameter(
+                f"delta_{i}", nn.Parameter(torch.zeros(shape, dtype=dtype, device=self.weight.device))
+            )
 
     @property
-    def wlog(self) -> torch.Tensor:
-        """The weight as a logical ``[out, in]`` view."""
-        return self.weight.t() if self.transposed else self.weight
+    def deltas(self) -> list[nn.Parameter]:
+        """The trainable updates, one per block, in spec order."""
+        return [getattr(self, f"delta_{i}") for i in range(len(self.specs))]
 
-    def _read_block(self, feature: str, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
-        return gather_runs(self.wlog, runs, dim=0 if feature == "out" else 1)
+    def base_block(self, i: int) -> torch.Tensor:
+        """The frozen base values under block ``i`` (logical orientation, a copy)."""
+        feature, runs = self.specs[i]
+        return gather_runs(weight_logical(self.weight, self.transposed), runs, 0 if feature == "out" else 1).clone()
 
-    def _write_block(self, feature: str, runs: Sequence[tuple[int, int]], vals: torch.Tensor) -> None:
-        w, dim, off = self.wlog, (0 if feature == "out" else 1), 0
-        for s, e in runs:
-            w.narrow(dim, s, e - s).copy_(vals.narrow(dim, off, e - s))
-            off += e - s
-
-    @staticmethod
-    def _sync_key(p: torch.Tensor) -> tuple[int, int]:
-        return (p._version, p.data_ptr())
+    def merged_weight(self) -> torch.Tensor:
+        """The weight with the deltas folded in (``cast(base_fp32 + Δ)``), in the base's layout and dtype."""
+        return merged_weight(self.weight, self.deltas, self.specs, self.transposed)
 
     @torch.no_grad()
-    def sync_(self, force: bool = False) -> None:
-        """Copy blocks changed since the last sync (or all, if ``force``) into the frozen weight."""
-        compiling = torch.compiler.is_compiling()
-        for i, (blk, (feature, runs)) in enumerate(zip(self.blocks, self.specs)):
-            if compiling or force:
-                self._write_block(feature, runs, blk.to(self.weight.dtype))
-                continue
-            key = self._sync_key(blk)
-            if key != self._synced[i]:
-                self._write_block(feature, runs, blk.to(self.weight.dtype))
-                self._synced[i] = key
-
-    def restore_base_(self) -> None:
-        """Write the saved base values back into the weight (bit-exact)."""
-        with torch.no_grad():
-            for i, (feature, runs) in enumerate(self.specs):
-                self._write_block(feature, runs, getattr(self, f"base_values_{i}"))
+    def merge_into_base_(self) -> None:
+        """Write ``cast(base_fp32 + Δ)`` into the base weight at the blocks (in place, for uninstall)."""
+        merged = weight_logical(self.merged_weight(), self.transposed)
+        w = weight_logical(self.weight, self.transposed)
+        for feature, runs in self.specs:
+            dim = 0 if feature == "out" else 1
+            for s, e in runs:
+                w.narrow(dim, s, e - s).copy_(merged.narrow(dim, s, e - s))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.sync_()
-        if not torch.is_grad_enabled() or not any(b.requires_grad for b in self.blocks):
-            w = self.wlog
-            return F.linear(x, w, self.bias)
-        return partial_linear(x, self.weight, self.bias, list(self.blocks), self.specs, transposed=self.transposed)
+        return delta_linear(x, self.weight, self.bias, self.deltas, self.specs, transposed=self.transposed)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if _FORM.get() == "split":
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        destination[prefix + "weight"] = self.merged_weight()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        wkey = prefix + "weight"
+        dkeys = [f"{prefix}delta_{i}" for i in range(len(self.specs))]
+        loaded = state_dict.get(wkey)
+        if (
+            loaded is not None
+            and not any(k in state_dict for k in dkeys)
+            and tuple(loaded.shape) == tuple(self.weight.shape)
+        ):
+            # Merged form: keep our base under the blocks and move the difference into the deltas.
+            split = loaded.detach().to(self.weight.device, self.weight.dtype, copy=True)
+            lw, bw = weight_logical(split, self.transposed), weight_logical(self.weight, self.transposed)
+            acc = torch.promote_types(self.weight.dtype, torch.float32)
+            with torch.no_grad():
+                for key, d, (feature, runs) in zip(dkeys, self.deltas, self.specs):
+                    dim = 0 if feature == "out" else 1
+                    state_dict[key] = (gather_runs(lw, runs, dim).to(acc) - gather_runs(bw, runs, dim).to(acc)).to(
+                        d.dtype
+                    )
+                    for s, e in runs:
+                        lw.narrow(dim, s, e - s).copy_(bw.narrow(dim, s, e - s))
+            state_dict[wkey] = split
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         parts = [f"{f}{list(r)}" for f, r in self.specs]
@@ -194,6 +246,66 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _resolve_slices(model: nn.Module, plan_or_slices: S2Plan | Iterable[BlockSlice], check_fingerprint: bool):
+    if not isinstance(plan_or_slices, S2Plan):
+        return list(plan_or_slices)
+    plan = plan_or_slices
+    if check_fingerprint:
+        plan.check_model(model)
+    moves = any(perm != list(range(len(perm))) for perm in plan.permutations.values())
+    if moves and applied_plan_id(model) != plan_id(plan):
+        raise S2InstallError(
+            f"this plan permutes {sum(1 for p in plan.permutations.values() if p != sorted(p))} couplings but the "
+            "model was not permuted by it (its blocks would sit on the wrong heads/channels); use "
+            "s2ft_lightning.prepare_model(model, plan=plan), or surgery.planner.apply_plan before install"
+        )
+    return list(plan.slices)
+
+
+def _master_dtypes(model: nn.Module, names: Iterable[str], master_dtype) -> dict[str, torch.dtype | None]:
+    all_mods = dict(model.named_modules())
+    dtypes = {}
+    for name in names:
+        wd = getattr(getattr(all_mods.get(name), "weight", None), "dtype", torch.float32)
+        if master_dtype == "auto":
+            dtypes[name] = torch.float32 if wd in (torch.bfloat16, torch.float16) else None
+        elif master_dtype is None or isinstance(master_dtype, torch.dtype):
+            dtypes[name] = master_dtype
+        else:
+            raise S2InstallError(f"master_dtype={master_dtype!r}: use 'auto', None or a torch dtype")
+    return dtypes
+
+
+def check_installable(
+    model: nn.Module,
+    plan_or_slices: S2Plan | Iterable[BlockSlice],
+    *,
+    master_dtype: torch.dtype | str | None = "auto",
+    init: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    check_fingerprint: bool = True,
+    permuted: bool = True,
+) -> None:
+    """Raise `S2InstallError` if ``install`` would refuse these blocks; touches nothing.
+
+    ``permuted=False`` checks a plan against the model it is about to permute (shapes and module types do
+    not change under permutation), so a refusal comes before any surgery.
+    """
+    if installed(model):
+        raise S2InstallError("S2 blocks are already installed on this model; call uninstall(model) first")
+    if isinstance(plan_or_slices, S2Plan) and not permuted:
+        if check_fingerprint:
+            plan_or_slices.check_model(model)
+        slices = list(plan_or_slices.slices)
+    else:
+        slices = _resolve_slices(model, plan_or_slices, check_fingerprint)
+    if not slices:
+        raise S2InstallError("the plan has no slices: nothing to train")
+    by_module: dict[str, list[BlockSlice]] = {}
+    for s in slices:
+        by_module.setdefault(s.module, []).append(s)
+    _validate(model, by_module, _master_dtypes(model, by_module, master_dtype), init)
+
+
 def install(
     model: nn.Module,
     plan_or_slices: S2Plan | Iterable[BlockSlice],
@@ -204,34 +316,20 @@ def install(
 ) -> dict[str, S2Linear]:
     """Wrap each planned module in an ``S2Linear`` and freeze every other parameter of ``model``.
 
-    ``master_dtype``: ``"auto"`` = fp32 blocks for bf16/fp16 weights, else the weight dtype; ``None`` =
-    the weight dtype; or a dtype. ``init`` optionally gives block values per module (permuted space).
-    Everything is validated before the model is touched.
+    A plan must have been applied to ``model`` (it is permuted by it); bare ``BlockSlice`` lists are taken
+    as given. ``master_dtype``: ``"auto"`` = fp32 deltas for bf16/fp16 weights, else the weight dtype;
+    ``None`` = the weight dtype; or a dtype. ``init`` optionally gives starting deltas per module (permuted
+    space; zeros otherwise). Everything is validated before the model is touched.
     """
     if installed(model):
         raise S2InstallError("S2 blocks are already installed on this model; call uninstall(model) first")
-    if isinstance(plan_or_slices, S2Plan):
-        if check_fingerprint:
-            plan_or_slices.check_model(model)
-        slices = list(plan_or_slices.slices)
-    else:
-        slices = list(plan_or_slices)
+    slices = _resolve_slices(model, plan_or_slices, check_fingerprint)
     if not slices:
         raise S2InstallError("the plan has no slices: nothing to train")
     by_module: dict[str, list[BlockSlice]] = {}
     for s in slices:
         by_module.setdefault(s.module, []).append(s)
-    dtypes = {}
-    all_mods = dict(model.named_modules())
-    for name in by_module:
-        mod = all_mods.get(name)
-        wd = getattr(getattr(mod, "weight", None), "dtype", torch.float32)
-        if master_dtype == "auto":
-            dtypes[name] = torch.float32 if wd in (torch.bfloat16, torch.float16) else None
-        elif master_dtype is None or isinstance(master_dtype, torch.dtype):
-            dtypes[name] = master_dtype
-        else:
-            raise S2InstallError(f"master_dtype={master_dtype!r}: use 'auto', None or a torch dtype")
+    dtypes = _master_dtypes(model, by_module, master_dtype)
     mods = _validate(model, by_module, dtypes, init)
 
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -240,31 +338,28 @@ def install(
         wrapper = S2Linear(mod, by_module[name], dtypes[name])
         if init is not None and name in init:
             with torch.no_grad():
-                for blk, v in zip(wrapper.blocks, init[name]):
-                    blk.copy_(v)
-            wrapper.sync_()
+                for d, v in zip(wrapper.deltas, init[name]):
+                    d.copy_(v)
         out[name] = wrapper
     for p in model.parameters():
         p.requires_grad_(False)
     for name, wrapper in out.items():
         _set_child(model, name, wrapper)
-        for blk in wrapper.blocks:
-            blk.requires_grad_(True)
+        for d in wrapper.deltas:
+            d.requires_grad_(True)
     model.__dict__[_STATE_ATTR] = saved
     return out
 
 
 def uninstall(model: nn.Module, merge: bool = True) -> dict[str, nn.Module]:
-    """Put the original modules back: with trained block values (``merge=True``) or the base (bit-exact)."""
+    """Put the original modules back: with the deltas merged in (``merge=True``) or the untouched base."""
     wrappers = installed(model)
     if not wrappers:
         raise S2InstallError("no S2 blocks are installed on this model")
     restored = {}
     for name, w in wrappers.items():
         if merge:
-            w.sync_(force=True)
-        else:
-            w.restore_base_()
+            w.merge_into_base_()
         base = w.base_module
         base.weight, base.bias = w.weight, w.bias  # in case the wrapper's params were replaced (e.g. .to())
         _set_child(model, name, base)
@@ -276,10 +371,18 @@ def uninstall(model: nn.Module, merge: bool = True) -> dict[str, nn.Module]:
 
 
 def block_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """All trainable block parameters, in module order."""
-    return [p for w in installed(model).values() for p in w.blocks]
+    """All trainable delta parameters, in module order."""
+    return [p for w in installed(model).values() for p in w.deltas]
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"<module>.blocks.<i>": tensor}`` of the block values (detached, permuted index space)."""
-    return {f"{n}.blocks.{i}": p.detach() for n, w in installed(model).items() for i, p in enumerate(w.blocks)}
+    """``{"<module>.delta_<i>": tensor}`` of the deltas (detached, permuted index space)."""
+    return {f"{n}.delta_{i}": p.detach() for n, w in installed(model).items() for i, p in enumerate(w.deltas)}
+
+
+def trainable_state_dict(module: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """``module``'s state dict cut to its trainable parameters (deltas, plus e.g. a new task head)."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    with state_dict_form("split"):
+        full = module.state_dict(keep_vars=keep_vars)
+    return {k: v for k, v in full.items() if k in names}

@@ -12,6 +12,7 @@ a switch is only tensor copies (restore the old positions, write the new ones), 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,6 +29,17 @@ from s2ft_lightning.adapters import (
     logical_weight,
     module_kind,
 )
+
+
+def _check_scale(scale: float) -> float:
+    """A finite float scale, or an AdapterError saying why not (nothing is written before this check)."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"adapter scale {scale!r} is not a number") from e
+    if not math.isfinite(value):
+        raise AdapterError(f"adapter scale {scale!r} is not finite; use a finite number such as 1.0 or 0.5")
+    return value
 
 
 class _Saved:
@@ -243,6 +255,7 @@ class AdapterBank:
     # ------------------------------------------------------------------------------------ operations
     def merge(self, name: str, scale: float = 1.0) -> None:
         """Add adapter ``name`` (times ``scale``) on top of whatever is merged."""
+        scale = _check_scale(scale)
         a = self._get(name)
         if any(n == name for n, _ in self.active):
             raise AdapterError(f"adapter {name!r} is already merged; unmerge it first")
@@ -269,6 +282,7 @@ class AdapterBank:
 
     def switch(self, name: str, scale: float = 1.0) -> None:
         """Replace everything merged by adapter ``name``, touching only the union of their rows/columns."""
+        scale = _check_scale(scale)
         new = self._get(name)
         if self._write_alone(name, float(scale)):
             self.active = [(name, float(scale))]
@@ -425,6 +439,7 @@ class AdapterBank:
 
 def merge_adapter(model: torch.nn.Module, adapter: Adapter, scale: float = 1.0, verify: bool = True) -> AdapterBank:
     """Merge one adapter into ``model`` (fp32 add, one cast); the returned bank can unmerge it exactly."""
+    scale = _check_scale(scale)
     bank = AdapterBank(model, verify=verify)
     bank.merge(bank.add(adapter), scale)
     return bank

@@ -53,6 +53,20 @@ def require_gguf() -> None:
         )
 
 
+def check_gguf(path: Path) -> None:
+    """Refuse a .gguf file that the gguf reader cannot parse (truncated download, wrong file) by name."""
+    import gguf
+
+    try:
+        gguf.GGUFReader(str(path), "r")
+    except Exception as e:  # the reader raises ValueError/struct.error/IndexError/... on bad files
+        size = path.stat().st_size
+        raise ModelLoadError(
+            f"{str(path)!r} ({size:,} bytes) is not a readable GGUF file (truncated or corrupted?): "
+            f"{type(e).__name__}: {str(e).rstrip('.')}. Download it again or pass another model"
+        ) from e
+
+
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
     """Map user spellings ('bf16', 'float32', torch.bfloat16, 'auto') to what ``from_pretrained`` takes."""
     if dtype is None:
@@ -95,6 +109,7 @@ def _resolve_source(path: str | os.PathLike) -> tuple[Path, str | None]:
                 "or a .gguf file"
             )
         require_gguf()
+        check_gguf(p)
         return p.parent, p.name
     if (p / "config.json").is_file():
         if not any(next(p.glob(pat), None) for pat in _WEIGHT_PATTERNS):
@@ -105,6 +120,7 @@ def _resolve_source(path: str | os.PathLike) -> tuple[Path, str | None]:
     ggufs = sorted(p.glob("*.gguf"))
     if len(ggufs) == 1:
         require_gguf()
+        check_gguf(ggufs[0])
         return p, ggufs[0].name
     found = sorted(x.name for x in p.iterdir())[:10]
     hint = f"; it holds {len(ggufs)} .gguf files, pass one of them directly" if ggufs else ""
@@ -176,7 +192,8 @@ def load_model(
     """Load ``(model, tokenizer)`` from a local HF folder or a .gguf file; never touches the hub.
 
     ``task`` picks the head (causal LM or sequence classification with ``num_labels``). The tokenizer gets a
-    pad token (eos if missing) and right padding; for classification the model's pad_token_id is set too.
+    pad token (eos if missing) and right padding, and so does the generation config; the model config is
+    changed only for classification (its head needs ``pad_token_id``).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -199,8 +216,7 @@ def load_model(
         model = AutoModelForSequenceClassification.from_pretrained(str(folder), **kwargs)
         # Classification heads pick the last non-pad token; without pad_token_id batching fails.
         model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    # A causal LM's config is left as stored (pad_token_id may stay null): generation reads its own config.
     gen = getattr(model, "generation_config", None)
     if gen is not None and getattr(gen, "pad_token_id", None) is None:
         gen.pad_token_id = tokenizer.pad_token_id

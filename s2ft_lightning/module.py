@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,8 +12,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from s2ft_lightning.pipeline import S2Config, applied_plan, prepare_model
-from surgery.plan import PlanError, S2Plan
+from s2ft_lightning.attach import CHECKPOINT_KEY, S2Attachment
+from s2ft_lightning.layers import installed
+from s2ft_lightning.pipeline import S2Config, applied_plan
+from surgery.plan import S2Plan
+
+# Set while ``S2FTModule.load_from_checkpoint`` runs: configure_model then leaves surgery to the checkpoint's plan.
+_LOADING_CHECKPOINT: ContextVar[bool] = ContextVar("s2ft_loading_checkpoint", default=False)
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -21,9 +26,11 @@ def _default_optimizer(params) -> torch.optim.Optimizer:
 
 
 class S2FTModule(L.LightningModule):
-    """Loads ``model`` (HF folder, ``.gguf`` file or ``demo:smollm2``), applies S²FT in
-    `configure_model`, and trains only the selected blocks.
+    """Fine-tune a Hugging Face model with S²FT as an ordinary LightningModule.
 
+    Loads ``model`` (HF folder, ``.gguf`` file or ``demo:smollm2``) and applies S²FT in `configure_model`;
+    only the selected blocks train. Checkpoints hold the trained deltas, the plan and the base identity,
+    not the frozen base; ``S2FTModule.load_from_checkpoint`` rebuilds the base and applies them.
     Optimizer and scheduler are callables (LightningCLI ``auto_configure_optimizers=False``) because
     the trainable parameters exist only after surgery.
     """
@@ -45,7 +52,8 @@ class S2FTModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "s2"])
         self.model_name = model
         self.task = task
-        self.s2 = s2 or S2Config()
+        # A dict when rebuilt from a checkpoint's hyper-parameters (saved as a plain dict, see below).
+        self.s2 = S2Config(**s2) if isinstance(s2, dict) else (s2 or S2Config())
         # Plain dict so checkpoints load with torch.load(weights_only=True).
         self.hparams["s2"] = self.s2.to_dict()
         self.optimizer_factory = optimizer
@@ -53,28 +61,51 @@ class S2FTModule(L.LightningModule):
         self.dtype_name = dtype
         self.num_labels = num_labels
         self.gradient_checkpointing = gradient_checkpointing
-        self.plan_path = plan_path
-        self.calibration_batches = calibration_batches
+        self.attachment = S2Attachment(
+            self.s2, submodule="model", plan_path=plan_path, calibration_batches=calibration_batches
+        )
         self.model: nn.Module | None = None
         self.tokenizer = None
 
     # ---- surgery -----------------------------------------------------------------------------
     @property
     def plan(self) -> S2Plan | None:
-        return None if self.model is None else applied_plan(self.model)
+        """The applied S2 plan (None before `configure_model` ran with a trainer or a checkpoint was loaded)."""
+        return None if self.model is None or not installed(self.model) else applied_plan(self.model)
 
-    def configure_model(self) -> None:
-        """Load the base and apply S²FT; Lightning calls this on every stage, so it is idempotent."""
-        if self.model is not None and self.plan is not None:
-            return
+    def _load_base(self) -> None:
         from s2ft_lightning.models import load_model, resolve_dtype
 
+        self.model, self.tokenizer = load_model(
+            self.model_name, task=self.task, dtype=resolve_dtype(self.dtype_name), num_labels=self.num_labels
+        )
+
+    def configure_model(self) -> None:
+        """Load the base and apply S²FT; Lightning calls this on every stage, so it is idempotent.
+
+        Data-driven selection needs a trainer with data; without one it waits. Inside ``load_from_checkpoint``
+        only the base is loaded: `on_load_checkpoint` applies the checkpoint's own plan.
+        """
         if self.model is None:
-            self.model, self.tokenizer = load_model(
-                self.model_name, task=self.task, dtype=resolve_dtype(self.dtype_name), num_labels=self.num_labels
-            )
-        plan = S2Plan.load(self.plan_path) if self.plan_path else None
-        prepare_model(self.model, self.s2, plan=plan, calibration=self._calibration())
+            self._load_base()
+        if self.plan is not None or _LOADING_CHECKPOINT.get():
+            return
+        if self._trainer is None and self.s2.strategy != "random" and self.attachment.plan_path is None:
+            return
+        self.attachment.prepare(self, self._trainer)
+        self._after_prepare()
+
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> S2FTModule:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``: rebuilds the base from the saved arguments and applies the
+        checkpoint's plan and trained deltas (the base is checked against the one trained on)."""
+        token = _LOADING_CHECKPOINT.set(True)
+        try:
+            return super().load_from_checkpoint(*args, **kwargs)
+        finally:
+            _LOADING_CHECKPOINT.reset(token)
+
+    def _after_prepare(self) -> None:
         if self.task == "sequence_classification":
             # The classification head is new (random) for the task: it trains fully, like PEFT's modules_to_save.
             head = next((getattr(self.model, n) for n in ("score", "classifier") if hasattr(self.model, n)), None)
@@ -83,27 +114,10 @@ class S2FTModule(L.LightningModule):
             for p in head.parameters():
                 p.requires_grad_(True)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
-        if self.gradient_checkpointing:
+        if self.gradient_checkpointing and not getattr(self.model, "is_gradient_checkpointing", False):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             # Frozen embeddings give no grad; checkpointed blocks still need their inputs to require it.
             self.model.enable_input_require_grads()
-
-    def _calibration(self) -> list[dict] | None:
-        if self.s2.strategy == "random":
-            return None
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None:
-            raise ValueError(
-                f"strategy {self.s2.strategy!r} needs calibration batches; pass a datamodule to the trainer "
-                "or use strategy 'random'"
-            )
-        dm.setup("fit")
-        batches = []
-        for i, batch in enumerate(dm.train_dataloader()):
-            if i >= self.calibration_batches:
-                break
-            batches.append({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")})
-        return batches
 
     # ---- steps -------------------------------------------------------------------------------
     def forward(self, **batch: Any) -> Any:
@@ -154,30 +168,22 @@ class S2FTModule(L.LightningModule):
             scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- provenance and resume ---------------------------------------------------------------
+    # ---- provenance and checkpoints ------------------------------------------------------------
     def on_fit_start(self) -> None:
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective call: every rank
-        if self.trainer.is_global_zero and self.plan is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            self.plan.save(out / "s2_plan.json")
-            (out / "s2_config.json").write_text(json.dumps(self.s2.to_dict(), indent=1))
+        if self.trainer.is_global_zero:
+            self.attachment.write_provenance(out)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.plan is not None:
-            checkpoint["s2ft_plan"] = self.plan.to_dict()
+            checkpoint[CHECKPOINT_KEY] = self.attachment.checkpoint_metadata(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("s2ft_plan")
-        if saved is None or self.plan is None:
-            return
-        mine = self.plan.to_dict()
-        if saved["fingerprint"] != mine["fingerprint"] or saved["slices"] != mine["slices"]:
-            raise PlanError(
-                "checkpoint was trained with a different S2 plan than this module applied "
-                f"(checkpoint fingerprint {saved['fingerprint']}, {len(saved['slices'])} slices; "
-                f"this model {mine['fingerprint']}, {len(mine['slices'])} slices). Use the same s2 "
-                "settings and seed, or set plan_path to the plan saved with the checkpoint."
-            )
+        """Apply the checkpoint's plan (checking its base first) before Lightning loads the trained deltas."""
+        if self.model is None:
+            self._load_base()
+        self.attachment.reconcile(self, checkpoint)
+        self._after_prepare()
 
 
 class WarmupLinear(torch.optim.lr_scheduler.LambdaLR):

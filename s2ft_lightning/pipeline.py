@@ -1,11 +1,15 @@
-"""The S²FT model pipeline shared by `S2FTModule` and the `S2FT` callback.
+"""The S²FT model pipeline: analyse → select → plan → permute + verify → install S2 layers, all-or-nothing.
 
-analyze → select → plan → permute + verify → install S2 layers, all on one `nn.Module`, idempotently.
+Pure torch (no Lightning): `prepare_model` is what `S2FTModule`, the `S2FT` callback (through
+`s2ft_lightning.attach`) and plain PyTorch users call. The applied plan is recorded once, on the model, by
+`surgery.planner.apply_plan`; `applied_plan` reads it back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -15,13 +19,13 @@ import torch
 from torch import nn
 
 from s2ft_lightning import layers
-from surgery.analyze import analyze
-from surgery.plan import PlanError, S2Plan
-from surgery.planner import apply_plan, make_plan
+from surgery.plan import PlanError, S2Plan, model_fingerprint
+from surgery.planner import applied_plan as _applied
+from surgery.planner import apply_plan, make_plan, plan_id, unapply_plan
 
 log = logging.getLogger(__name__)
 
-_PLAN_ATTR = "_s2ft_plan"
+STRATEGIES = ("random", "weight", "activation", "weight_activation", "gradient")
 
 
 @dataclass
@@ -41,9 +45,32 @@ class S2Config:
     allocation: Literal["even", "global"] = "even"
     seed: int = 42
     verify: bool = True
-    # Block parameters are kept in this dtype when the base is half precision ("fp32" keeps small
-    # updates from being rounded away); "base" trains in the base dtype.
+    # Deltas are kept in this dtype when the base is half precision ("fp32" keeps small updates from being
+    # rounded away); "base" trains in the base dtype.
     master_dtype: Literal["fp32", "base"] = "fp32"
+
+    def __post_init__(self) -> None:
+        for key, value in self.ratios().items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"S2Config.{key}={value!r} must be a number in [0, 1]")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    f"S2Config.{key}={value} is outside [0, 1]: it is the fraction of heads (o, v) or FFN "
+                    "channels (u, d) trained per layer, e.g. 0.05 for 5%"
+                )
+        if not any(self.ratios().values()):
+            raise ValueError("S2Config trains nothing: set at least one of o_ratio, v_ratio, u_ratio, d_ratio > 0")
+        choices = {
+            "strategy": STRATEGIES,
+            "variant": ("large", "small"),
+            "allocation": ("even", "global"),
+            "master_dtype": ("fp32", "base"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"S2Config.{key}={getattr(self, key)!r} is not one of {list(allowed)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"S2Config.seed={self.seed!r} must be an int")
 
     def ratios(self) -> dict[str, float]:
         return {"o_ratio": self.o_ratio, "v_ratio": self.v_ratio, "u_ratio": self.u_ratio, "d_ratio": self.d_ratio}
@@ -53,48 +80,108 @@ class S2Config:
 
 
 def applied_plan(model: nn.Module) -> S2Plan | None:
-    """The plan S²FT applied to this model, or None when it has not been prepared."""
-    return getattr(model, _PLAN_ATTR, None)
+    """The plan S²FT applied to this model (it is permuted by it), or None."""
+    return _applied(model)
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """`surgery.plan.model_fingerprint` of the base, whether or not S2 layers (and their deltas) are installed."""
+    return model_fingerprint(model, exclude=lambda name: name.rsplit(".", 1)[-1].startswith("delta_"))
+
+
+def _check_materialized(model: nn.Module) -> None:
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"{len(meta)} parameters of the model are on the meta device (e.g. {meta[0]!r}); S²FT permutes and "
+            "verifies real weights. Load the weights first (from_pretrained without init_empty_weights / "
+            "device_map='meta', or to_empty() + load_state_dict) and prepare after that"
+        )
 
 
 def prepare_model(
     model: nn.Module,
-    config: S2Config,
+    config: S2Config | None = None,
     *,
     plan: S2Plan | None = None,
     calibration: Iterable | None = None,
 ) -> S2Plan:
     """Make ``model`` S²FT-trainable in place and return the applied plan.
 
-    With ``plan`` given (e.g. restored from a checkpoint or file) selection is skipped and that plan
-    is applied after its fingerprint is checked. Calling this twice on the same model returns the
-    plan already applied, so Lightning's `configure_model` can call it on every stage.
+    With ``plan`` (e.g. from a checkpoint or a file) selection is skipped and that plan is applied after its
+    fingerprint and consistency are checked. Calling this again on a prepared model returns its plan (so
+    Lightning's `configure_model` may call it on every stage). All-or-nothing: any refusal, at any stage,
+    leaves the model bit-identical and preparable again.
     """
+    config = config or S2Config()
+    master = torch.float32 if config.master_dtype == "fp32" else None
     existing = applied_plan(model)
-    if existing is not None:
-        if plan is not None and plan.to_dict()["slices"] != existing.to_dict()["slices"]:
+    if layers.installed(model):
+        if existing is None:
+            raise PlanError("S2 layers are installed on this model without an applied plan; uninstall them first")
+        if plan is not None and plan_id(plan) != plan_id(existing):
             raise PlanError(
-                "this model was already prepared with a different S2 plan; load a fresh base model "
-                "to apply another plan"
+                "this model was already prepared with a different S2 plan; load a fresh base model to apply another"
             )
         return existing
     t0 = time.perf_counter()
-    structures = analyze(model)
-    if plan is None:
-        plan = make_plan(
-            model,
-            structures,
-            **config.ratios(),
-            strategy=config.strategy,
-            variant=config.variant,
-            allocation=config.allocation,
-            seed=config.seed,
-            calibration=calibration,
-        )
-    plan = apply_plan(model, plan, structures, verify=config.verify)
-    master = torch.float32 if config.master_dtype == "fp32" else None
-    layers.install(model, plan, master_dtype=master)
-    object.__setattr__(model, _PLAN_ATTR, plan)  # a plain attribute, not a submodule or state
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    newly_permuted = False
+    if existing is not None:  # permuted earlier (e.g. uninstalled without unpermuting): install the same plan
+        if plan is not None and plan_id(plan) != plan_id(existing):
+            raise PlanError(
+                "this model is already permuted by a different S2 plan; load a fresh base model to apply another"
+            )
+        plan = existing
+    else:
+        _check_materialized(model)
+        structures = None
+        if plan is None or plan.settings.get("couplings") is None:
+            from surgery.analyze import analyze
+
+            structures = analyze(model)
+        if plan is None:
+            plan = make_plan(
+                model,
+                structures,
+                **config.ratios(),
+                strategy=config.strategy,
+                variant=config.variant,
+                allocation=config.allocation,
+                seed=config.seed,
+                calibration=calibration,
+            )
+        layers.check_installable(model, plan, master_dtype=master, permuted=False)  # refuse before any surgery
+        plan = apply_plan(model, plan, structures, verify=config.verify)
+        newly_permuted = True
+    try:
+        layers.install(model, plan, master_dtype=master)
+    except BaseException:
+        if newly_permuted:
+            unapply_plan(model, verify=False)
+        raise
+    n = sum(p.numel() for p in layers.block_parameters(model))
     log.info("S2FT prepared %d trainable weights in %.1fs", n, time.perf_counter() - t0)
     return plan
+
+
+@torch.no_grad()
+def base_values_digest(model: nn.Module, plan: S2Plan) -> str:
+    """Hash of the frozen base values under the plan's blocks, read in ORIGINAL index order.
+
+    Same value on a stock base (reads the ``original`` indices) and on the prepared model (reads the permuted
+    positions; the deltas are not included), so a checkpoint can refuse a different base of the same shape.
+    """
+    from s2ft_lightning.ops import weight_logical
+
+    permuted = applied_plan(model) is not None
+    h = hashlib.sha256()
+    for s in sorted(plan.slices, key=lambda s: (s.module, s.feature, s.runs[0])):
+        mod = model.get_submodule(s.module)
+        transposed = type(mod).__name__ == "Conv1D"
+        w = weight_logical(mod.weight, transposed)
+        dim = 0 if s.feature == "out" else 1
+        idx = torch.tensor(s.positions() if permuted else s.original, dtype=torch.long, device=w.device)
+        vals = w.index_select(dim, idx).to(torch.bfloat16).float().contiguous().cpu()  # dtype-independent
+        h.update(f"{s.module}:{s.feature}:{tuple(vals.shape)};".encode())
+        h.update(vals.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -65,7 +65,26 @@ def test_fit_through_the_cli(tiny_llama_dir, alpaca_file, tmp_path):
     ]
     cli = cli_main(args)
     assert cli.trainer.global_step == 2
-    assert (out / "adapter" / "default" / "adapter_config.json").is_file()
+    adapter_dir = out / "adapter" / "default"
+    assert (adapter_dir / "adapter_config.json").is_file()
+    # The base config has pad_token_id: null (as Llama-2/3 and Mistral ship): the adapter still belongs to it.
+    assert json.loads((tiny_llama_dir / "config.json").read_text()).get("pad_token_id") is None
+    from transformers import AutoModelForCausalLM
+
+    from s2ft_lightning import load_adapter, merge_adapter
+    from s2ft_lightning.adapter_cli import main as adapter_main
+
+    assert (
+        adapter_main(["merge", str(adapter_dir), "--out", str(tmp_path / "merged"), "--base", str(tiny_llama_dir)]) == 0
+    )
+    stock = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    merge_adapter(stock, load_adapter(adapter_dir))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = torch.randint(3, 100, (2, 8))
+    with torch.no_grad():
+        want = cli.model.model.eval()(input_ids=ids).logits
+        torch.testing.assert_close(stock.eval()(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged.eval()(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
 def test_print_config_shows_the_resolved_recipe(capsys):

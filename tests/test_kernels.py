@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
 
-from s2ft_lightning.ops import gather_runs, partial_linear, reference_block_grads, tn_matmul_torch  # noqa: E402
+from s2ft_lightning.ops import delta_linear, gather_runs, reference_block_grads, tn_matmul_torch  # noqa: E402
 from s2ft_lightning.ops.kernels.adamw import CHUNK, multi_tensor_adamw_  # noqa: E402
 from s2ft_lightning.ops.kernels.block_grad import tn_matmul_triton  # noqa: E402
 from s2ft_lightning.optim import S2AdamW  # noqa: E402
@@ -69,14 +69,17 @@ def test_block_grad_kernel_rejects_bad_shapes():
     [(("in", ((2, 5), (9, 11))),), (("out", ((0, 3), (40, 45))),), (("in", ((0, 4),)), ("in", ((6, 8),)))],
 )
 @interp
-def test_partial_linear_triton_backend(dtype, specs):
+def test_delta_linear_triton_backend(dtype, specs):
     weight = torch.randn(45, 12).to(dtype)
     x = torch.randn(37, 12).to(dtype).requires_grad_(True)
-    blocks = [gather_runs(weight, r, dim=0 if f == "out" else 1).float().clone().requires_grad_(True) for f, r in specs]
-    y = partial_linear(x, weight, None, blocks, specs, backend="triton")
+    blocks = [
+        (0.1 * torch.randn_like(gather_runs(weight, r, dim=0 if f == "out" else 1).float())).requires_grad_(True)
+        for f, r in specs
+    ]
+    y = delta_linear(x, weight, None, blocks, specs, backend="triton")
     g = torch.randn_like(y)
     y.backward(g)
-    gx, gbs = reference_block_grads(x.float(), weight.float(), None, specs, g.float())
+    gx, gbs = reference_block_grads(x.float(), weight.float(), None, specs, g.float(), deltas=blocks)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert _rel(x.grad, gx) <= tol
     for blk, ref in zip(blocks, gbs):
@@ -196,14 +199,16 @@ def test_llama_blocks_triton_equals_torch(monkeypatch, dtype):
 @cuda
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_partial_linear_triton_cuda(dtype):
+def test_delta_linear_triton_cuda(dtype):
     specs = (("in", ((0, 96), (512, 608))),)
     weight = torch.randn(1024, 1024, device="cuda").to(dtype)
     x = torch.randn(3, 700, 1024, device="cuda").to(dtype).requires_grad_(True)
-    blocks = [gather_runs(weight, r, dim=1).float().clone().requires_grad_(True) for _, r in specs]
-    y = partial_linear(x, weight, None, blocks, specs, backend="triton")
+    blocks = [(0.1 * torch.randn(1024, 192, device="cuda")).requires_grad_(True)]
+    y = delta_linear(x, weight, None, blocks, specs, backend="triton")
     g = torch.randn_like(y)
     y.backward(g)
-    gx, gbs = reference_block_grads(x.double(), weight.double(), None, specs, g.double())
+    gx, gbs = reference_block_grads(
+        x.double(), weight.double(), None, specs, g.double(), deltas=[b.double() for b in blocks]
+    )
     tol = 1e-3 if dtype == torch.float32 else 2e-2
     assert _rel(x.grad, gx) <= tol and _rel(blocks[0].grad, gbs[0]) <= tol

@@ -1,4 +1,4 @@
-"""S2 layers on tiny random transformers: exact block gradients, training equivalence, memory, errors."""
+"""S2 layers on tiny random transformers: exact block gradients, training equivalence, memory, state forms, errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from s2ft_lightning.layers import (
     block_parameters,
     install,
     installed,
+    state_dict_form,
     trainable_state,
+    trainable_state_dict,
     uninstall,
 )
 from s2ft_lightning.ops import gather_runs
@@ -74,12 +76,12 @@ def test_block_grads_equal_full_finetuning_blocks():
     model(ids, labels=ids).loss.backward()
     ref(ids, labels=ids).loss.backward()
     for s, g in zip(_slices(), _full_block_grads(ref, _slices())):
-        blk = wrappers[s.module].blocks[0]
+        blk = wrappers[s.module].deltas[0]
         assert blk.grad.shape == g.shape and _rel(blk.grad, g) <= 1e-5
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{s.module}.blocks.0" for s in _slices()}
+    assert trainable == {f"{s.module}.delta_0" for s in _slices()}
     for n, p in model.named_parameters():
-        if not n.endswith("blocks.0"):
+        if not n.endswith("delta_0"):
             assert p.grad is None and not p.requires_grad, n
 
 
@@ -192,49 +194,79 @@ def test_uninstall_restores_base_bit_exactly_or_merges():
     model(ids, labels=ids).loss.backward()
     opt.step()
     trained = {k: v.clone() for k, v in trainable_state(model).items()}
+    assert all(v.abs().max() > 0 for v in trained.values())
     assert not installed(uninstall(model, merge=False) and model)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.requires_grad for p in model.parameters())
     assert all(type(m) is not S2Linear for m in model.modules())
-    # merge=True keeps the trained values in plain modules
-    install(model, _slices())
-    for w, v in zip(block_parameters(model), trained.values()):
-        with torch.no_grad():
-            w.copy_(v)
+    # merge=True leaves plain modules holding base + delta at the blocks (one fp32 add)
+    install(model, _slices(), init={s.module: [v] for s, v in zip(_slices(), trained.values())})
     uninstall(model, merge=True)
     mods = dict(model.named_modules())
     for s, v in zip(_slices(), trained.values()):
         assert isinstance(mods[s.module], nn.Linear)
-        assert torch.equal(gather_runs(mods[s.module].weight, s.runs, dim=0 if s.feature == "out" else 1), v)
+        dim = 0 if s.feature == "out" else 1
+        base = gather_runs(before[f"{s.module}.weight"], s.runs, dim=dim)
+        assert torch.equal(gather_runs(mods[s.module].weight, s.runs, dim=dim), base + v)
 
 
-def test_bf16_base_gets_fp32_master_blocks():
+def test_bf16_base_gets_fp32_master_deltas():
     model, _ = _pair(torch.bfloat16)
     install(model, _slices())
     blocks = block_parameters(model)
-    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in blocks)
+    assert all(p.dtype == torch.float32 and p.is_contiguous() and not p.any() for p in blocks)
     ids = _ids()
     model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in blocks)
-    # an update far below bf16 resolution accumulates in the master and reaches the weight once large enough
+    # updates far below the weights' bf16 resolution add up in the fp32 delta and reach the forward at once
     w = installed(model)["model.layers.0.self_attn.o_proj"]
-    start = w.blocks[0].detach().clone()
+    base = w.base_block(0).float()
     with torch.no_grad():
-        for _ in range(64):
-            w.blocks[0].add_(start.abs() * 2**-12)
-    model(ids)
-    merged = gather_runs(w.weight, w.specs[0][1], dim=1)
-    assert torch.equal(merged, w.blocks[0].detach().to(torch.bfloat16))
-    assert not torch.equal(merged, start.to(torch.bfloat16))
+        before = model(ids).logits.float()
+        for _ in range(8):
+            w.deltas[0].add_(base.abs() * 2**-12)
+        after = model(ids).logits.float()
+    assert not torch.equal(before, after)
+    assert torch.equal(w.deltas[0], base.abs() * 2**-12 * 8)
+    # the weight itself is never written: the delta is the one place the update lives
+    assert torch.equal(w.base_block(0).float(), base)
 
 
-def test_state_dict_keys_keep_base_names():
+def test_state_dict_is_the_stock_model_merged_or_split_on_request():
     model, ref = _pair()
     install(model, _slices())
-    keys = set(model.state_dict())
-    assert set(ref.state_dict()) <= keys
-    assert {k for k in keys - set(ref.state_dict()) if "blocks" in k} == {f"{s.module}.blocks.0" for s in _slices()}
+    with torch.no_grad():
+        for p in block_parameters(model):
+            p.normal_()
+    merged = model.state_dict()
+    assert set(merged) == set(ref.state_dict())  # stock keys: save_pretrained writes a stock checkpoint
+    mods = dict(model.named_modules())
+    for s in _slices():
+        dim = 0 if s.feature == "out" else 1
+        d = installed(model)[s.module].deltas[0]
+        want = gather_runs(ref.get_submodule(s.module).weight, s.runs, dim=dim) + d.detach()
+        assert torch.equal(gather_runs(merged[f"{s.module}.weight"], s.runs, dim=dim), want)
+        assert torch.equal(mods[s.module].weight, ref.get_submodule(s.module).weight)  # base untouched
+    with state_dict_form("split"):
+        split = model.state_dict()
+    assert set(split) - set(ref.state_dict()) == {f"{s.module}.delta_0" for s in _slices()}
+    assert set(trainable_state_dict(model)) == {f"{s.module}.delta_0" for s in _slices()}
+    # a stock model loading the merged form computes the trained function
+    ids = _ids()
+    ref.load_state_dict(merged)
+    with torch.no_grad():
+        assert _rel(ref(ids).logits, model(ids).logits) <= 1e-5
+    # and a freshly installed model loading it recovers the deltas (merged form split back)
+    fresh, _ = _pair()
+    install(fresh, _slices())
+    fresh.load_state_dict(merged)
+    for a, b in zip(block_parameters(fresh), block_parameters(model)):
+        assert _rel(a, b) <= 1e-5
+    with torch.no_grad():
+        assert _rel(fresh(ids).logits, model(ids).logits) <= 1e-5
+    with pytest.raises(ValueError, match="form"), state_dict_form("stock"):
+        pass
 
 
 def test_gpt2_conv1d():
@@ -260,7 +292,7 @@ def test_gpt2_conv1d():
     for s in slices:
         full = mods[s.module].weight.grad.t()  # Conv1D stores [in, out]
         g = gather_runs(full, s.runs, dim=0 if s.feature == "out" else 1)
-        assert _rel(wrappers[s.module].blocks[0].grad, g) <= 1e-5
+        assert _rel(wrappers[s.module].deltas[0].grad, g) <= 1e-5
     uninstall(model, merge=False)
     assert torch.equal(model.transformer.h[0].attn.c_proj.weight, ref.transformer.h[0].attn.c_proj.weight)
 
@@ -305,8 +337,10 @@ def test_double_install_and_bad_init_blocks():
         with pytest.raises(S2InstallError, match=match):
             install(model, s, init=init)
         assert not installed(model) and all(p.requires_grad for p in model.parameters())
-    install(model, s, init={s[0].module: [good]})
-    assert torch.equal(gather_runs(model.model.layers[0].self_attn.o_proj.weight, s[0].runs, dim=1), good)
+    base = gather_runs(model.model.layers[0].self_attn.o_proj.weight, s[0].runs, dim=1).clone()
+    install(model, s, init={s[0].module: [good + 1]})
+    merged = installed(model)[s[0].module].merged_weight()
+    assert torch.equal(gather_runs(merged, s[0].runs, dim=1), base + 1)
     with pytest.raises(S2InstallError, match="already installed"):
         install(model, s)
     uninstall(model)

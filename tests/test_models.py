@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 import tarfile
 import zipfile
@@ -30,7 +31,10 @@ def test_load_causal_lm_sets_pad_and_dtype(tiny_folder):
     model, tok = load_model(str(tiny_folder))
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
     assert tok.pad_token == tok.eos_token and tok.padding_side == "right"
-    assert model.config.pad_token_id == tok.pad_token_id
+    # The config stays as stored (null pad, like Llama/Mistral checkpoints): loading never changes what the
+    # base fingerprints; generation gets the pad token through its own config.
+    assert json.loads((tiny_folder / "config.json").read_text()).get("pad_token_id") is None
+    assert model.config.pad_token_id is None and model.generation_config.pad_token_id == tok.pad_token_id
     ids = tok(["Paris", "The capital"], padding=True, return_tensors="pt")
     assert model(**ids).logits.shape[:2] == ids["input_ids"].shape
     bf16, _ = load_model(tiny_folder, dtype="bf16")
@@ -83,6 +87,18 @@ def test_tokenizer_only_folder_and_missing_tokenizer(tiny_folder, tmp_path):
     load_model(tiny_folder)[0].save_pretrained(no_tok)
     with pytest.raises(ModelLoadError, match=r"(?s)could not load a tokenizer.*save_pretrained"):
         load_model(no_tok)
+
+
+def test_truncated_gguf_with_valid_magic_is_refused_by_name(tmp_path):
+    import struct
+
+    bad = tmp_path / "cut.gguf"
+    # GGUF magic, version 3, 5 tensors, 3 metadata entries, then the file ends.
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 5, 3) + b"\0" * 10)
+    with pytest.raises(ModelLoadError, match=r"cut\.gguf' \(34 bytes\) is not a readable GGUF file"):
+        load_model(bad)
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
+        load_model(tmp_path)  # a folder holding that single .gguf
 
 
 def test_gguf_without_gguf_package_says_how_to_fix(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Partial-backprop op (torch reference path): outputs and every gradient vs full-weight autograd."""
+"""Delta op (torch reference path): outputs and every gradient vs full-weight autograd on ``W + Δ``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from torch.utils.checkpoint import checkpoint
 
 from s2ft_lightning.ops import (
     backend_for,
+    delta_linear,
     gather_runs,
     interpreter_problem,
     kernel_mode,
-    partial_linear,
+    merged_weight,
     reference_block_grads,
 )
 
@@ -30,22 +31,27 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _blocks(weight, specs, dtype=None, transposed=False):
+    """Random (non-zero) deltas shaped like each block, so the forward and input-gradient terms are tested."""
     w = weight.t() if transposed else weight
-    return [
-        gather_runs(w, runs, dim=0 if f == "out" else 1).detach().to(dtype or w.dtype).clone().requires_grad_(True)
-        for f, runs in specs
-    ]
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for f, runs in specs:
+        shape = gather_runs(w, runs, dim=0 if f == "out" else 1).shape
+        out.append((0.5 * torch.randn(shape, generator=gen)).to(dtype or w.dtype).requires_grad_(True))
+    return out
 
 
 def _check(x, weight, bias, specs, tol, transposed=False, master=None):
     x = x.detach().requires_grad_(True)
     blocks = _blocks(weight, specs, master, transposed)
-    y = partial_linear(x, weight, bias, blocks, specs, transposed=transposed)
-    w = weight.t() if transposed else weight
+    y = delta_linear(x, weight, bias, blocks, specs, transposed=transposed)
+    merged = merged_weight(weight, blocks, specs, transposed)
+    w = merged.t() if transposed else merged
     assert _rel(y, F.linear(x, w, bias)) <= tol
+    assert not torch.equal(merged, weight)  # the deltas take part
     g = torch.randn_like(y)
     y.backward(g)
-    gx, gbs = reference_block_grads(x, weight, bias, specs, g, transposed=transposed)
+    gx, gbs = reference_block_grads(x, weight, bias, specs, g, transposed=transposed, deltas=blocks)
     assert _rel(x.grad, gx) <= tol
     for blk, ref in zip(blocks, gbs):
         assert blk.grad.dtype == blk.dtype and blk.grad.shape == blk.shape
@@ -82,7 +88,7 @@ def test_no_input_grad_skips_grad_input_and_weight():
     blocks = _blocks(weight, specs)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = partial_linear(torch.randn(4, 12), weight, None, blocks, specs)
+        y = delta_linear(torch.randn(4, 12), weight, None, blocks, specs)
     assert [tuple(t.shape) for t in saved] == [(4, 3)]  # only x[:, cols], no weight, no full x
     y.sum().backward()
     assert blocks[0].grad is not None
@@ -95,8 +101,8 @@ def test_input_sliced_saves_only_k_columns():
         saved = []
         blocks = _blocks(weight, SPECS[kind])
         with torch.autograd.graph.saved_tensors_hooks(lambda t, s=saved: s.append(t) or t, lambda t: t):
-            partial_linear(x, weight, None, blocks, SPECS[kind])
-        acts = [t for t in saved if t is not weight]
+            delta_linear(x, weight, None, blocks, SPECS[kind])
+        acts = [t for t in saved if t is not weight and all(t is not b for b in blocks)]  # not parameters
         # storage bytes: a view of x would pin all of x
         assert sum(t.untyped_storage().nbytes() for t in acts) == expect * 4
 
@@ -107,11 +113,11 @@ def test_autocast_bf16_cpu():
     x = torch.randn(2, 5, 12, requires_grad=True)
     blocks = _blocks(weight, specs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = partial_linear(x, weight, None, blocks, specs)
+        y = delta_linear(x, weight, None, blocks, specs)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert blocks[0].grad.dtype == torch.float32 and x.grad.dtype == torch.float32
-    gx, gbs = reference_block_grads(x, weight, None, specs, torch.ones(2, 5, 13))
+    gx, gbs = reference_block_grads(x, weight, None, specs, torch.ones(2, 5, 13), deltas=blocks)
     assert _rel(x.grad, gx) <= 2e-2 and _rel(blocks[0].grad, gbs[0]) <= 2e-2
 
 
@@ -120,12 +126,12 @@ def test_non_reentrant_checkpoint():
     specs = SPECS["rows2"]
     x = torch.randn(3, 12, requires_grad=True)
     blocks = _blocks(weight, specs)
-    y = checkpoint(lambda t: partial_linear(t, weight, None, blocks, specs).tanh(), x, use_reentrant=False)
+    y = checkpoint(lambda t: delta_linear(t, weight, None, blocks, specs).tanh(), x, use_reentrant=False)
     y.sum().backward()
     ref = [b.grad.clone() for b in blocks] + [x.grad.clone()]
     for t in [*blocks, x]:
         t.grad = None
-    partial_linear(x, weight, None, blocks, specs).tanh().sum().backward()
+    delta_linear(x, weight, None, blocks, specs).tanh().sum().backward()
     for a, b in zip(ref, [*[b.grad for b in blocks], x.grad]):
         assert torch.equal(a, b)
 
@@ -137,7 +143,7 @@ def test_compile_fullgraph_no_graph_break():
     x = torch.randn(2, 3, 12, requires_grad=True)
 
     def f(t):
-        return partial_linear(t, weight, None, blocks, specs, backend="torch").square().sum()
+        return delta_linear(t, weight, None, blocks, specs, backend="torch").square().sum()
 
     torch._dynamo.reset()
     torch.compile(f, backend="aot_eager", fullgraph=True)(x).backward()
@@ -189,8 +195,8 @@ def test_bad_inputs():
     weight = torch.randn(13, 12)
     blocks = _blocks(weight, SPECS["cols"])
     with pytest.raises(TypeError, match="autocast"):
-        partial_linear(torch.randn(2, 12, dtype=torch.float64), weight, None, blocks, SPECS["cols"])
-    with pytest.raises(ValueError, match="one spec per block"):
-        partial_linear(torch.randn(2, 12), weight, None, blocks, SPECS["both"])
+        delta_linear(torch.randn(2, 12, dtype=torch.float64), weight, None, blocks, SPECS["cols"])
+    with pytest.raises(ValueError, match="one spec per delta"):
+        delta_linear(torch.randn(2, 12), weight, None, blocks, SPECS["both"])
     with pytest.raises(ValueError, match="frozen"):
-        partial_linear(torch.randn(2, 12), weight.requires_grad_(True), None, blocks, SPECS["cols"])
+        delta_linear(torch.randn(2, 12), weight.requires_grad_(True), None, blocks, SPECS["cols"])

@@ -1,4 +1,4 @@
-"""Partial-backprop ops and the one dispatch point choosing Triton kernels or the torch reference.
+"""Partial-backprop ops (frozen base + trainable deltas) and the one dispatch point choosing Triton or torch.
 
 ``S2FT_KERNELS`` = ``auto`` (default), ``triton`` (force; error if triton is missing) or ``torch``.
 ``auto`` picks Triton on CPU when ``TRITON_INTERPRET=1`` (tests), and on CUDA only once
@@ -14,27 +14,33 @@ from collections.abc import Sequence
 
 import torch
 
-from .partial_linear import (
-    PartialLinearFn,
+from .delta_linear import (
+    DeltaLinearFn,
     Spec,
+    add_runs_,
+    delta_linear_autograd,
     gather_runs,
-    partial_linear_autograd,
+    merged_weight,
     reference_block_grads,
     tn_matmul_torch,
+    weight_logical,
 )
 
 __all__ = [
-    "PartialLinearFn",
+    "DeltaLinearFn",
     "Spec",
+    "add_runs_",
     "backend_for",
+    "delta_linear",
     "gather_runs",
     "installed_interpreter_problem",
     "interpreter_problem",
     "kernel_mode",
-    "partial_linear",
+    "merged_weight",
     "reference_block_grads",
     "tn_matmul_torch",
     "triton_available",
+    "weight_logical",
 ]
 
 _MODES = ("auto", "triton", "torch")
@@ -117,26 +123,26 @@ def backend_for(device: torch.device | str) -> str:
     return "torch"
 
 
-def partial_linear(
+def delta_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    blocks: Sequence[torch.Tensor],
+    deltas: Sequence[torch.Tensor],
     specs: Sequence[Spec],
     *,
     transposed: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, W, b)`` whose backward gives grads to ``blocks`` (and ``x``) only.
+    """``F.linear(x, W + Δ, b)`` for a frozen ``W``, whose backward gives grads to ``deltas`` (and ``x``) only.
 
-    ``weight`` must already hold the block values at the block positions (see ``layers``); ``specs[i]``
-    is ``(feature, runs)`` of ``blocks[i]`` in the logical ``[out, in]`` orientation; ``transposed``
-    marks a Conv1D weight stored ``[in, out]``. ``backend`` overrides the dispatch ("torch"/"triton").
+    ``specs[i]`` is ``(feature, runs)`` of ``deltas[i]`` in the logical ``[out, in]`` orientation (rows
+    ``(k, in)`` for ``"out"``, columns ``(out, k)`` for ``"in"``); ``transposed`` marks a Conv1D weight
+    stored ``[in, out]``. ``backend`` overrides the dispatch ("torch"/"triton").
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError("partial_linear needs a frozen weight and bias (requires_grad=False); only blocks train")
-    if len(blocks) != len(specs):
-        raise ValueError(f"got {len(blocks)} blocks but {len(specs)} specs; pass one spec per block")
+        raise ValueError("delta_linear needs a frozen weight and bias (requires_grad=False); only deltas train")
+    if len(deltas) != len(specs):
+        raise ValueError(f"got {len(deltas)} deltas but {len(specs)} specs; pass one spec per delta")
     # Under torch.compile the torch path is traced (inductor fuses it); Triton wrappers stay eager-only.
     be = "torch" if torch.compiler.is_compiling() else (backend or backend_for(x.device))
-    return partial_linear_autograd(x, weight, bias, blocks, specs, transposed, be)
+    return delta_linear_autograd(x, weight, bias, deltas, specs, transposed, be)

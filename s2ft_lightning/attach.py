@@ -1,0 +1,303 @@
+"""Attach S²FT to a LightningModule: the one preparation path of `S2FTModule` and the `S2FT` callback.
+
+- Which plan: ``plan_path`` if given, else selection (calibration batches from the trainer's data for the
+  data-driven strategies); a checkpoint being loaded brings its own plan and wins (`S2Attachment.reconcile`).
+- `prepare_model` on the target submodule: all-or-nothing, one applied marker (on the target).
+- Checkpoints hold only what trains: hooks on the LightningModule cut its state dict to the trainable keys
+  (the S2 deltas, plus e.g. a new task head, plus anything outside the target) and, on load, accept a dict
+  without the frozen target keys — the frozen base comes from the model itself. ``checkpoint["s2ft"]``
+  carries the plan, the S2 config and the base identity (fingerprint + hash of the base values under the
+  blocks), which every load checks before the deltas are applied.
+- Provenance: ``s2_plan.json`` and ``s2_config.json`` next to the logs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from s2ft_lightning import layers
+from s2ft_lightning.pipeline import S2Config, applied_plan, base_fingerprint, base_values_digest, prepare_model
+from surgery.plan import PlanError, S2Plan
+from surgery.planner import plan_id, unapply_plan
+
+CHECKPOINT_KEY = "s2ft"
+CHECKPOINT_FORMAT = 1
+_ATTR = "_s2ft_attachment"
+
+
+class CheckpointError(PlanError):
+    """A checkpoint that is not an S²FT checkpoint or does not belong to this base / plan."""
+
+
+def attachment_of(pl_module: nn.Module) -> S2Attachment | None:
+    """The `S2Attachment` that prepared ``pl_module``, if any."""
+    return pl_module.__dict__.get(_ATTR)
+
+
+def _submodule(pl_module: nn.Module, name: str) -> nn.Module | None:
+    if not name:
+        return pl_module
+    try:
+        return pl_module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+class S2Attachment:
+    """Prepares the ``submodule`` of a LightningModule with S²FT and owns its checkpoint format."""
+
+    def __init__(
+        self, config: S2Config, submodule: str = "model", plan_path: str | None = None, calibration_batches: int = 4
+    ) -> None:
+        self.config = config
+        self.submodule = submodule
+        self.plan_path = plan_path
+        self.calibration_batches = calibration_batches
+        self.plan: S2Plan | None = None
+        self.base_digest: str | None = None
+
+    # ---- preparation ---------------------------------------------------------------------------------
+    def target(self, pl_module: nn.Module) -> nn.Module:
+        """The model S²FT applies to, or a ValueError naming the children when it is missing."""
+        found = _submodule(pl_module, self.submodule)
+        if found is None:
+            names = [n for n, _ in pl_module.named_children()]
+            raise ValueError(
+                f"{type(pl_module).__name__} has no submodule {self.submodule!r} (its children are {names}); pass "
+                "submodule= the attribute path of the Hugging Face model, or build it in __init__/configure_model"
+            )
+        return found
+
+    def prepare(self, pl_module: nn.Module, trainer: Any = None, plan: S2Plan | None = None) -> S2Plan:
+        """Prepare the target (idempotent) and hook the module's checkpointing; returns the applied plan."""
+        target = self.target(pl_module)
+        if plan is None and self.plan_path:
+            plan = S2Plan.load(self.plan_path)
+        calibration = None
+        if plan is None and applied_plan(target) is None and self.config.strategy != "random":
+            calibration = self._calibration(pl_module, trainer)
+        self.plan = prepare_model(target, self.config, plan=plan, calibration=calibration)
+        self.base_digest = base_values_digest(target, self.plan)
+        self._hook(pl_module)
+        return self.plan
+
+    def _calibration(self, pl_module: nn.Module, trainer: Any) -> list[dict]:
+        loader = _train_loader(pl_module, trainer)
+        if loader is None:
+            raise ValueError(
+                f"strategy {self.config.strategy!r} scores heads/channels on calibration batches, but no training "
+                "data is reachable: pass a datamodule (or train_dataloaders) to the trainer, or use strategy 'random'"
+            )
+        batches = []
+        for i, batch in enumerate(loader):
+            if i >= self.calibration_batches:
+                break
+            batches.append({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")})
+        return batches
+
+    def _hook(self, pl_module: nn.Module) -> None:
+        if attachment_of(pl_module) is not None:
+            pl_module.__dict__[_ATTR] = self
+            return
+        pl_module.__dict__[_ATTR] = self
+        prefix = f"{self.submodule}." if self.submodule else ""
+        pl_module.register_state_dict_pre_hook(_root_state_dict_pre)
+        pl_module.register_state_dict_post_hook(functools.partial(_root_state_dict_post, prefix))
+        pl_module.register_load_state_dict_pre_hook(functools.partial(_root_load_pre, prefix))
+        pl_module.register_load_state_dict_post_hook(functools.partial(_root_load_post, prefix))
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def checkpoint_metadata(self, pl_module: nn.Module) -> dict:
+        """What ``checkpoint["s2ft"]`` holds: plan, config, where the target sits and the base identity."""
+        if self.plan is None:
+            raise RuntimeError("S²FT has not prepared this module yet; nothing to checkpoint")
+        target = self.target(pl_module)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "submodule": self.submodule,
+            "plan": self.plan.to_dict(),
+            "config": self.config.to_dict(),
+            "base_fingerprint": base_fingerprint(target),
+            "base_values": self.base_digest,
+            "trainable": {n: list(p.shape) for n, p in target.named_parameters() if p.requires_grad},
+        }
+
+    def check_base(self, target: nn.Module, meta: dict, plan: S2Plan) -> None:
+        """Refuse a base other than the one the checkpoint was trained on (architecture or touched values).
+
+        ``target`` is stock or prepared with ``plan`` (the digest reads the plan's positions accordingly).
+        """
+        fp = base_fingerprint(target)
+        if fp != meta.get("base_fingerprint"):
+            raise CheckpointError(
+                f"this checkpoint was trained on a base with fingerprint {meta.get('base_fingerprint')} but the "
+                f"model has {fp} (another architecture or config); load the base it was trained from"
+            )
+        digest = base_values_digest(target, plan)
+        if digest != meta.get("base_values"):
+            raise CheckpointError(
+                "the base weights under the checkpoint's S2 blocks differ from the ones it was trained on "
+                f"({meta.get('base_values')} vs {digest}): same architecture, another checkpoint? Load the exact base"
+            )
+
+    def reconcile(self, pl_module: nn.Module, checkpoint: dict) -> bool:
+        """Check the checkpoint's base, then make its plan the module's (re-preparing if needed).
+
+        Returns True when the target was (re)prepared here, so state loaded before this call must be loaded
+        again. Lightning restores before it configures optimizers, so re-preparing is safe there.
+        """
+        meta = read_metadata(checkpoint)
+        plan = S2Plan.from_dict(meta["plan"])
+        target = self.target(pl_module)
+        current = applied_plan(target)
+        if current is not None and plan_id(current) == plan_id(plan):
+            self.check_base(target, meta, current)
+            redo = not layers.installed(target)
+            self.prepare(pl_module, plan=plan)
+            return redo
+        if current is not None:  # prepared with another plan: back to the stock base first
+            if layers.installed(target):
+                layers.uninstall(target, merge=False)
+            unapply_plan(target, verify=False)
+        try:
+            self.check_base(target, meta, plan)
+        except CheckpointError:
+            if current is not None:
+                self.prepare(pl_module, plan=current)
+            raise
+        self.prepare(pl_module, plan=plan)
+        return True
+
+    def write_provenance(self, out_dir: str | os.PathLike) -> None:
+        """``s2_plan.json`` and ``s2_config.json`` in ``out_dir``."""
+        if self.plan is None:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.plan.save(out / "s2_plan.json")
+        (out / "s2_config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+
+
+def read_metadata(checkpoint: dict) -> dict:
+    """``checkpoint["s2ft"]``, validated."""
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(meta, dict) or "plan" not in meta:
+        raise CheckpointError(
+            "this checkpoint has no S²FT section (checkpoint['s2ft']); it was not written by S2FTModule or the "
+            "S2FT callback of this version"
+        )
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"S²FT checkpoint format {meta.get('format')} is not supported (expected 1)")
+    return meta
+
+
+def load_checkpoint(pl_module: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Restore an S²FT checkpoint into a freshly built LightningModule (the path for user modules).
+
+    ``pl_module`` is constructed as for training (its Hugging Face base is built in ``__init__`` or
+    ``configure_model``); the checkpoint's plan is applied to the submodule it names, its base is checked, and
+    the trained state is loaded with strict key checking. `S2FTModule` also loads with Lightning's
+    ``load_from_checkpoint``.
+    """
+    from lightning.fabric.utilities.cloud_io import _load
+
+    checkpoint = _load(path, map_location="cpu", weights_only=True)
+    meta = read_metadata(checkpoint)
+    if _submodule(pl_module, meta["submodule"]) is None and hasattr(pl_module, "configure_model"):
+        pl_module.configure_model()
+    config = S2Config(**meta["config"])
+    attachment = attachment_of(pl_module) or S2Attachment(config, submodule=meta["submodule"])
+    attachment.reconcile(pl_module, checkpoint)
+    pl_module.load_state_dict(checkpoint["state_dict"], strict=strict)
+    return pl_module
+
+
+def _train_loader(pl_module: nn.Module, trainer: Any) -> Iterable | None:
+    if trainer is None:
+        return None
+    dm = getattr(trainer, "datamodule", None)
+    if dm is not None:
+        dm.setup("fit")
+        return dm.train_dataloader()
+    source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+    if source is not None and source.is_defined():
+        return source.dataloader()
+    return None
+
+
+# ---- state-dict hooks on the LightningModule -------------------------------------------------------------
+# A state dict taken from the LightningModule (what Lightning checkpoints) is the "split" form cut to what
+# trains inside the target; one taken from the Hugging Face model itself stays the stock "merged" form.
+_TOKENS = "_s2ft_form_tokens"
+
+
+def _root_state_dict_pre(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    stack = module.__dict__.setdefault(_TOKENS, [])
+    stack.append(layers._FORM.set("split") if layers._FORM.get() == "merged" else None)
+
+
+def _root_state_dict_post(target_prefix: str, module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    stack = module.__dict__.get(_TOKENS) or [None]
+    token = stack.pop()
+    if token is None:  # inside an explicit state_dict_form: leave the dict whole
+        return
+    layers._FORM.reset(token)
+    trainable = {prefix + n for n, p in module.named_parameters() if p.requires_grad}
+    cut = prefix + target_prefix
+    for key in [k for k in state_dict if k.startswith(cut) and k not in trainable]:
+        del state_dict[key]
+
+
+def _frozen_target_keys(module: nn.Module, target_prefix: str) -> set[str]:
+    target = module.get_submodule(target_prefix[:-1]) if target_prefix else module
+    trainable = {n for n, p in target.named_parameters() if p.requires_grad}
+    with layers.state_dict_form("split"):
+        keys = target.state_dict(keep_vars=True).keys()
+    return {target_prefix + k for k in keys if k not in trainable}
+
+
+def _root_load_pre(
+    target_prefix, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
+    """Refuse trainable entries that do not fit the prepared plan, with the fix, before torch's size errors."""
+    target = module.get_submodule(target_prefix[:-1]) if target_prefix else module
+    ours = {
+        prefix + target_prefix + n: p for n, p in target.named_parameters() if n.rsplit(".", 1)[-1].startswith("delta_")
+    }
+    theirs = {
+        k for k in state_dict if k.startswith(prefix + target_prefix) and k.rsplit(".", 1)[-1].startswith("delta_")
+    }
+    bad = sorted(k for k in theirs if k not in ours or tuple(state_dict[k].shape) != tuple(ours[k].shape))
+    if theirs and bad:
+        raise CheckpointError(
+            f"the S2 deltas in this state dict do not fit the plan this model was prepared with (e.g. {bad[0]}); "
+            "it was trained with another plan. Load it with the plan saved beside it (plan_path=.../s2_plan.json) "
+            "or through s2ft_lightning.load_checkpoint, which applies the checkpoint's own plan"
+        )
+    module.__dict__["_s2ft_load_prefix"] = prefix
+
+
+def _root_load_post(target_prefix: str, module: nn.Module, incompatible_keys) -> None:
+    """A trainable-only dict: the frozen target keys are not missing, they are the base the model holds."""
+    prefix = module.__dict__.pop("_s2ft_load_prefix", "")
+    frozen = {prefix + k for k in _frozen_target_keys(module, target_prefix)}
+    missing = incompatible_keys.missing_keys
+    if frozen and frozen <= set(missing):
+        missing[:] = [k for k in missing if k not in frozen]
+
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "CheckpointError",
+    "S2Attachment",
+    "attachment_of",
+    "load_checkpoint",
+    "read_metadata",
+]
