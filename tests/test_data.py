@@ -187,6 +187,30 @@ def test_instruction_errors_name_the_file(tok, tmp_path):
         InstructionDataModule(tok, empty, val_fraction=1.0)
 
 
+def test_non_utf8_and_skipped_rows_are_named(tok, tmp_path):
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes('{"instruction": "café", "output": "ok"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl: not UTF-8 text \(byte \d+, line 1"):
+        InstructionDataModule(tok, latin).setup("fit")
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("Paris est la capitale de la France. Été.".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.txt: not UTF-8"):
+        PlainTextDataModule(tok, text).setup("fit")
+    rows = [
+        {"instruction": "a", "output": "b"},
+        [1, 2],
+        "str",
+        {"instruction": "c"},
+        {"instruction": "d", "output": "e"},
+    ]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.warns(UserWarning, match=r"mixed\.jsonl: skipped 3 of 5 rows: 2 not JSON objects \(first at line 2\)"):
+        InstructionDataModule(tok, mixed).setup("fit")
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": "Paris " * 40}, {"body": "x"}])
+    with pytest.warns(UserWarning, match=r"docs\.jsonl: skipped 1 of 2 rows: 1 without a non-empty string 'text'"):
+        PlainTextDataModule(tok, docs, max_length=16).setup("fit")
+
+
 def test_too_long_rows_error_or_truncate_explicitly(tok, tmp_path):
     long_row = {"instruction": "Say hi.", "output": "hi there " * 100}
     f = write_jsonl(tmp_path / "long.jsonl", [ROWS[0], long_row])

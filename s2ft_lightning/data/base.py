@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,28 @@ class ListDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         return self.examples[idx]
+
+
+def read_text(path: Path) -> str:
+    """The file's text as UTF-8, or a DataError naming the file and where the first bad byte is."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {e.start}, line {line}: {data[e.start : e.start + 4]!r}); re-save the "
+            "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from e
+
+
+def warn_skipped(path: Path, skipped: dict[str, list[int]], total: int) -> None:
+    """Warn once per file about rows that were left out, with counts per reason and the first line of each."""
+    n = sum(len(v) for v in skipped.values())
+    if not n:
+        return
+    parts = [f"{len(lines)} {why} (first at line {lines[0]})" for why, lines in skipped.items() if lines]
+    warnings.warn(f"{path}: skipped {n} of {total} rows: " + "; ".join(parts), UserWarning, stacklevel=3)
 
 
 def check_file(path: str | os.PathLike, what: str = "data file") -> Path:

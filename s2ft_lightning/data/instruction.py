@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from s2ft_lightning.data.base import DataError, ListDataset, TokenizedDataModule, check_file
+from s2ft_lightning.data.base import DataError, ListDataset, TokenizedDataModule, check_file, read_text, warn_skipped
 from s2ft_lightning.data.collate import IGNORE_INDEX
 
 ALPACA_PROMPT = (
@@ -27,11 +27,11 @@ def read_instruction_rows(path: str | os.PathLike) -> list[dict[str, str]]:
     """Read alpaca rows from a .jsonl file (one object per line) or a .json list; keep usable rows only.
 
     A usable row has non-empty string ``instruction`` and ``output``; ``input`` is optional. Each row keeps
-    its ``line`` (JSONL line / JSON list position, from 1) for error messages. A file with no usable row
-    raises :class:`DataError` naming the file.
+    its ``line`` (JSONL line / JSON list position, from 1) for error messages. Rows left out are counted in a
+    warning; a file with no usable row (or not UTF-8) raises :class:`DataError` naming the file.
     """
     p = check_file(path, "instruction file")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p)
     if text.lstrip().startswith("["):
         try:
             raw = json.loads(text)
@@ -48,16 +48,20 @@ def read_instruction_rows(path: str | os.PathLike) -> list[dict[str, str]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{lineno}: not valid JSON ({e}); expected one JSON object per line") from e
     rows = []
+    skipped: dict[str, list[int]] = {"not JSON objects": [], "without non-empty string 'instruction'/'output'": []}
     for line, rec in records:
         if not isinstance(rec, dict):
+            skipped["not JSON objects"].append(line)
             continue
         instruction, output = rec.get("instruction"), rec.get("output")
         inp = rec.get("input") or ""
-        if not (isinstance(instruction, str) and instruction.strip()):
-            continue
-        if not (isinstance(output, str) and output.strip()) or not isinstance(inp, str):
+        ok = isinstance(instruction, str) and instruction.strip() and isinstance(output, str) and output.strip()
+        if not ok or not isinstance(inp, str):
+            skipped["without non-empty string 'instruction'/'output'"].append(line)
             continue
         rows.append({"instruction": instruction, "input": inp, "output": output, "line": line})
+    if rows:
+        warn_skipped(p, skipped, len(records))
     if not rows:
         raise DataError(
             f"{p}: no usable rows ({len(records)} records read). Each row needs non-empty string fields "

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from s2ft_lightning.data.base import DataError, ListDataset, TokenizedDataModule, check_file
+from s2ft_lightning.data.base import DataError, ListDataset, TokenizedDataModule, check_file, read_text, warn_skipped
 
 Paths = list[str] | str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -25,10 +25,12 @@ def read_documents(path: str | os.PathLike, text_field: str = "text") -> list[st
     """Documents of one file: a .txt file is one; a .jsonl file gives one per row's ``text_field``."""
     p = check_file(path, "text file")
     if p.suffix.lower() == ".jsonl":
-        docs = []
-        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        docs, rows = [], 0
+        skipped: dict[str, list[int]] = {f"without a non-empty string {text_field!r}": []}
+        for lineno, line in enumerate(read_text(p).splitlines(), start=1):
             if not line.strip():
                 continue
+            rows += 1
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
@@ -36,12 +38,15 @@ def read_documents(path: str | os.PathLike, text_field: str = "text") -> list[st
             value = rec.get(text_field) if isinstance(rec, dict) else None
             if isinstance(value, str) and value.strip():
                 docs.append(value)
+            else:
+                skipped[f"without a non-empty string {text_field!r}"].append(lineno)
         if not docs:
             raise DataError(f"{p}: no rows with a non-empty string field {text_field!r}")
+        warn_skipped(p, skipped, rows)
         return docs
     if p.suffix.lower() not in (".txt", ".text", ".md"):
         raise DataError(f"{p}: unsupported extension {p.suffix!r}; use .txt or .jsonl (with a {text_field!r} field)")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p)
     if not text.strip():
         raise DataError(f"{p}: file is empty (no text to train on)")
     return [text]
