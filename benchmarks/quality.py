@@ -1,4 +1,4 @@
-"""Pieces of the S²FT vs LoRA vs full fine-tuning quality study (tools/quality_study.py).
+"""Pieces of the S²FT vs LoRA vs full fine-tuning quality study (tools/quality_study.py, tools/quality_sweep.py).
 
 One LightningModule with a ``method`` switch (so all arms share S2FTModule's data path, steps, optimizer and
 schedule), LoRA rank matching, and the forgetting metrics: BIG-bench general_knowledge multiple-choice accuracy
@@ -31,6 +31,9 @@ from surgery.planner import LORA_TARGETS, matched_lora_rank
 
 BIGBENCH_VERSION = "1.0.0"
 GK_MEMBER = "bigbench/benchmark_tasks/general_knowledge/task.json"
+# Forgetting probes of the sweep: BIG-bench multiple-choice tasks with short prompts on which SmolLM2-135M scores
+# well above chance (its base accuracies are in benchmarks/results/quality/pareto.md).
+FORGET_TASKS = ("general_knowledge", "similarities_abstraction", "phrase_relatedness", "movie_recommendation")
 BIGBENCH_CACHE = Path.home() / ".cache" / "s2ft-lightning" / "bigbench"
 # Held-out plain text: the Apache-2.0 license text shipped in an installed package's metadata. Nothing in the
 # study trains on it; its sha256 is recorded so runs on other machines can check they scored the same text.
@@ -116,16 +119,15 @@ class QualityModule(S2FTModule):
 
 
 def fetch_bigbench_sdist(dest: Path = BIGBENCH_CACHE) -> Path:
-    """Fetch bigbench 1.0.0 (358 MB; nothing installed) with ``pip download --no-deps`` and keep the task file.
+    """Fetch the bigbench 1.0.0 sdist (358 MB; nothing installed) with ``pip download --no-deps`` into ``dest``.
 
     pip 23+ fails on this sdist while preparing its metadata (a direct-URL dependency), after it has downloaded
-    and unpacked it; ``--no-clean`` in a private TMPDIR keeps the unpacked tree, from which general_knowledge's
-    task.json is copied into ``dest``. Returns the sdist when pip kept it, else the extracted task file.
+    it; ``--no-clean`` in a private TMPDIR keeps what it fetched. Returns the sdist (cached after the first call).
     """
     dest.mkdir(parents=True, exist_ok=True)
-    cached = dest / "general_knowledge_task.json"
-    if cached.is_file():
-        return cached
+    found = sorted(dest.glob(f"bigbench-{BIGBENCH_VERSION}.tar.gz"))
+    if found:
+        return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", "-d", str(dest)]
     cmd.append(f"bigbench=={BIGBENCH_VERSION}")
     with tempfile.TemporaryDirectory(prefix="bigbench-") as tmp:
@@ -133,32 +135,56 @@ def fetch_bigbench_sdist(dest: Path = BIGBENCH_CACHE) -> Path:
         found = sorted(dest.glob(f"bigbench-{BIGBENCH_VERSION}.tar.gz"))
         if found:
             return found[0]
-        unpacked = sorted(Path(tmp).rglob(GK_MEMBER))
-        if unpacked:
-            shutil.copyfile(unpacked[0], cached)
-            return cached
+        sdists = sorted(Path(tmp).rglob(f"bigbench-{BIGBENCH_VERSION}.tar.gz"))
+        if sdists:
+            return Path(shutil.copyfile(sdists[0], dest / sdists[0].name))
     raise FileNotFoundError(
-        f"`{' '.join(cmd)}` exited with {proc.returncode} and left neither the sdist nor {GK_MEMBER}; "
-        f"download bigbench-{BIGBENCH_VERSION}.tar.gz by hand and pass --bigbench <path>. pip said: "
-        f"{proc.stderr.strip()[-300:]}"
+        f"`{' '.join(cmd)}` exited with {proc.returncode} and left no bigbench-{BIGBENCH_VERSION}.tar.gz; download it "
+        f"by hand and pass --bigbench <path>. pip said: {proc.stderr.strip()[-300:]}"
     )
+
+
+def task_member(task: str) -> str:
+    """Path of a BIG-bench task's JSON inside the sdist."""
+    return f"bigbench/benchmark_tasks/{task}/task.json"
+
+
+def extract_task(sdist: Path, task: str, dest: Path | None = None) -> Path:
+    """Extract one task's task.json from a bigbench sdist once (cached as ``dest/<task>_task.json``)."""
+    dest = BIGBENCH_CACHE if dest is None else dest
+    out = dest / f"{task}_task.json"
+    if out.is_file():
+        return out
+    member = task_member(task)
+    with tarfile.open(sdist, "r:*") as tar:
+        for m in tar:
+            if m.isfile() and m.name.endswith(member):
+                data = tar.extractfile(m).read()
+                break
+        else:
+            raise FileNotFoundError(f"{sdist} has no member ending in {member}; is it the bigbench sdist?")
+    dest.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    return out
 
 
 def extract_general_knowledge(sdist: Path, dest: Path = BIGBENCH_CACHE) -> Path:
     """Extract general_knowledge/task.json from a bigbench sdist once (cached next to ``dest``)."""
-    out = dest / "general_knowledge_task.json"
-    if out.is_file():
-        return out
-    with tarfile.open(sdist, "r:*") as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(GK_MEMBER):
-                data = tar.extractfile(member).read()
-                break
-        else:
-            raise FileNotFoundError(f"{sdist} has no member ending in {GK_MEMBER}; is it the bigbench sdist?")
-    dest.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
-    return out
+    return extract_task(sdist, "general_knowledge", dest)
+
+
+def read_mc_items(path: Path) -> tuple[list[dict], str]:
+    """Multiple-choice items (input, choices, scores) of a BIG-bench task.json, and the file's sha256."""
+    raw = path.read_bytes()
+    task = json.loads(raw)
+    items = [
+        {"input": e["input"], "choices": list(e["target_scores"]), "scores": list(e["target_scores"].values())}
+        for e in task.get("examples", [])
+        if e.get("target_scores")
+    ]
+    if not items:
+        raise ValueError(f"{path} has no multiple-choice examples (examples[].target_scores); wrong file?")
+    return items, hashlib.sha256(raw).hexdigest()
 
 
 def load_general_knowledge(source: str | Path | None, cache: Path = BIGBENCH_CACHE) -> tuple[list[dict], dict]:
@@ -176,17 +202,8 @@ def load_general_knowledge(source: str | Path | None, cache: Path = BIGBENCH_CAC
         return [], {"path": str(path), "skip_reason": reason, "n": 0}
     if path.name.endswith((".tar.gz", ".tgz", ".tar")):
         path = extract_general_knowledge(path, cache)
-    raw = path.read_bytes()
-    task = json.loads(raw)
-    items = [
-        {"input": e["input"], "choices": list(e["target_scores"]), "scores": list(e["target_scores"].values())}
-        for e in task.get("examples", [])
-        if e.get("target_scores")
-    ]
-    if not items:
-        raise ValueError(f"{path} has no multiple-choice examples (examples[].target_scores); wrong file?")
-    info = {"path": str(path), "sha256": hashlib.sha256(raw).hexdigest(), "n": len(items), "skip_reason": None}
-    return items, info
+    items, sha = read_mc_items(path)
+    return items, {"path": str(path), "sha256": sha, "n": len(items), "skip_reason": None}
 
 
 @torch.no_grad()
@@ -207,18 +224,43 @@ def choice_logprobs(model: Any, tokenizer: Any, prompt: str, choices: Sequence[s
     return out
 
 
-def multiple_choice_accuracy(model: Any, tokenizer: Any, items: Sequence[dict]) -> float:
-    """Fraction of items whose highest-likelihood choice has the top target score (evaluation only)."""
+@torch.no_grad()
+def multiple_choice_accuracy(model: Any, tokenizer: Any, items: Sequence[dict], batch_rows: int = 48) -> float:
+    """Fraction of items whose highest-likelihood choice has the top target score (evaluation only).
+
+    The (item, choice) rows of several items share one right-padded forward (up to ``batch_rows`` rows): with
+    right padding and a causal mask every row scores exactly as alone (tested).
+    """
+    rows = []
+    for item in items:
+        p_ids = tokenizer(MC_PROMPT.format(input=item["input"]))["input_ids"]
+        for c in item["choices"]:
+            rows.append((p_ids, p_ids + tokenizer(" " + c, add_special_tokens=False)["input_ids"]))
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id or 0
+    scores: list[float] = []
     try:
-        correct = 0
-        for item in items:
-            lp = choice_logprobs(model, tokenizer, MC_PROMPT.format(input=item["input"]), item["choices"])
-            best = max(range(len(lp)), key=lp.__getitem__)
-            correct += item["scores"][best] == max(item["scores"])
+        for start in range(0, len(rows), batch_rows):
+            chunk = rows[start : start + batch_rows]
+            width = max(len(r) for _, r in chunk)
+            ids = torch.tensor([r + [pad] * (width - len(r)) for _, r in chunk])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for _, r in chunk])
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logp = logits.log_softmax(-1).cpu()
+            for j, (p, r) in enumerate(chunk):
+                pos = torch.arange(len(p), len(r))
+                scores.append(float(logp[j, pos - 1, ids[j, pos]].sum()))
     finally:
         model.train(was_training)
+    correct, k = 0, 0
+    for item in items:
+        n = len(item["choices"])
+        lp = scores[k : k + n]
+        k += n
+        best = max(range(n), key=lp.__getitem__)
+        correct += item["scores"][best] == max(item["scores"])
     return correct / len(items)
 
 

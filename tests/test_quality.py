@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from s2ft_lightning.models import load_model
-from s2ft_lightning.pipeline import S2Config
-from s2ft_lightning.quality import (
+from benchmarks.quality import (
     GK_MEMBER,
     QualityModule,
     choice_logprobs,
@@ -25,6 +23,8 @@ from s2ft_lightning.quality import (
     perplexity,
     s2ft_trainable_count,
 )
+from s2ft_lightning.models import load_model
+from s2ft_lightning.pipeline import S2Config
 from surgery.planner import matched_lora_rank
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -211,3 +211,65 @@ def _configs_without(tmp_path: Path, arm: str) -> Path:
         if f.stem != arm:
             (d / f.name).write_text(f.read_text())
     return d
+
+
+def _multi_task_sdist(path: Path, tasks: dict[str, dict]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, task in tasks.items():
+            data = json.dumps(task).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_sweep_smoke_resumes_and_writes_the_fronts(tiny, tmp_path, monkeypatch, capsys):
+    sw = _load_tool("quality_sweep")
+    import benchmarks.quality as bq
+
+    examples = [
+        {"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2)}} for i in range(4)
+    ]
+    tasks = {t: {"canary": "do not train", "examples": examples} for t in bq.FORGET_TASKS}
+    sdist = _multi_task_sdist(tmp_path / "bigbench-1.0.0.tar.gz", tasks)
+    monkeypatch.setattr(bq, "BIGBENCH_CACHE", tmp_path / "cache")
+    out = tmp_path / "out"
+    argv = ["run", "--smoke", "--in-process", "--model", str(tiny), "--bigbench", str(sdist), "--out", str(out)]
+    assert sw.main(argv) == 0
+    data = json.loads((out / "pareto.json").read_text())
+    assert data["schema"] == sw.SCHEMA and data["base"]["mc_items"] == 4 * 3  # 3 items per task in the smoke
+    runs = data["runs"]
+    by_phase = {(r["arm"], r["variant"], r["steps"]) for r in runs}
+    # grid (2 steps) for every arm, the long budget (3 steps) at each arm's top lr, S²FT variants at its best
+    assert {("s2ft", "base", 2), ("lora", "base", 2), ("full", "base", 2)} <= by_phase
+    assert {("s2ft", "base", 3), ("lora", "base", 3), ("full", "base", 3)} <= by_phase
+    best = data["best"]["s2ft"]
+    assert {("s2ft", "weight_small", best["steps"]), ("s2ft", "down_only", best["steps"])} <= by_phase
+    for r in runs:
+        for k in ("arm", "lr", "steps", "seed", "test_em", "forget_acc_delta", "ppl_delta", "trainable_params"):
+            assert r[k] is not None, k
+        assert r["train_seconds"] > 0 and r["peak_rss_mib"] > 0
+        assert (r["s2"] is not None) == (r["arm"] == "s2ft")
+    variant = next(r for r in runs if r["variant"] == "weight_small")
+    assert variant["s2"]["strategy"] == "weight" and variant["s2"]["variant"] == "small"
+    lora = next(r for r in runs if r["arm"] == "lora")
+    assert lora["lora_rank"] >= 1
+    # The front holds only non-dominated points, and each arm's best point is on it.
+    for arm, f in data["fronts"].items():
+        pts = [p for p in data["points"] if p["arm"] == arm and p["variant"] == "base"]
+        for p in f:
+            assert not any(q["test_em"] > p["test_em"] and q["forget_acc_delta"] > p["forget_acc_delta"] for q in pts)
+        assert data["best"][arm] in f
+    assert (out / "pareto.png").stat().st_size > 1000 and "| s2ft | base |" in (out / "pareto.md").read_text()
+    # Rerunning resumes: every job is reused, nothing trains again.
+    capsys.readouterr()
+    assert sw.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reusing") == len(runs) + 1 and "running" not in printed
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -103,17 +103,28 @@ def _datamodule(spec: dict) -> Any:
 
 
 def _evaluate(model: Any, tokenizer: Any, dm: Any, spec: dict) -> dict:
-    from s2ft_lightning.quality import answer_loss, heldout_text, load_general_knowledge, perplexity
-    from s2ft_lightning.quality import multiple_choice_accuracy as mc_acc
+    from benchmarks.quality import answer_loss, heldout_text, load_general_knowledge, perplexity
+    from benchmarks.quality import multiple_choice_accuracy as mc_acc
 
     ev = spec["eval"]
     t0 = time.perf_counter()
     gen = {"max_new_tokens": ev["max_new_tokens"], "batch_size": ev["batch_size"]}
     out = {"val_em": dm.evaluate(model, "val", **gen), "test_em": dm.evaluate(model, "test", **gen)}
     out["val_loss"] = answer_loss(model, dm.val_dataloader())
-    items, _ = load_general_knowledge(spec["gk_path"]) if spec["gk_path"] else ([], {})
-    items = items[: ev["gk_max_items"]] if ev["gk_max_items"] else items
+    items, _ = load_general_knowledge(spec["gk_path"]) if spec.get("gk_path") else ([], {})
+    items = items[: ev["gk_max_items"]] if ev.get("gk_max_items") else items
     out["gk_acc"] = mc_acc(model, tokenizer, items) if items else None
+    if spec.get("mc_tasks"):  # the sweep's forgetting probes: several BIG-bench tasks, pooled and per task
+        from benchmarks.quality import read_mc_items
+
+        out["mc"], n_right, n_all = {}, 0.0, 0
+        for name, path in spec["mc_tasks"].items():
+            task_items = read_mc_items(Path(path))[0][: ev["mc_max_items"]]
+            acc = mc_acc(model, tokenizer, task_items)
+            out["mc"][name] = {"acc": acc, "n": len(task_items)}
+            n_right += acc * len(task_items)
+            n_all += len(task_items)
+        out["mc_acc"], out["mc_items"] = n_right / n_all, n_all
     text, _ = heldout_text()
     out["ppl"] = perplexity(model, tokenizer, text, window=ev["ppl_window"], max_tokens=ev["ppl_max_tokens"])
     out["eval_seconds"] = time.perf_counter() - t0
@@ -126,9 +137,9 @@ def run_job(spec: dict) -> dict:
     import torch
     from lightning.pytorch.callbacks import Callback
 
+    from benchmarks.quality import QualityModule
     from s2ft_lightning.module import WarmupLinear
     from s2ft_lightning.pipeline import S2Config
-    from s2ft_lightning.quality import QualityModule
 
     L.seed_everything(spec["seed"], verbose=False)
     dm = _datamodule(spec)
@@ -205,9 +216,10 @@ def _job_key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def execute(spec: dict, out: Path, in_process: bool) -> dict:
-    """Run one job (reusing a finished result with the same spec) and save it under ``out/jobs``."""
-    name = f"{spec['arm']}_lr{spec['lr']:g}_s{spec['seed']}" if spec["method"] != "base" else "base"
+def execute(spec: dict, out: Path, in_process: bool, name: str | None = None) -> dict:
+    """Run one job (reusing a finished result with the same spec) and save it under ``out/jobs/<name>``."""
+    if name is None:
+        name = f"{spec['arm']}_lr{spec['lr']:g}_s{spec['seed']}" if spec["method"] != "base" else "base"
     job_dir = out / "jobs" / name
     spec = {**spec, "job_dir": str(job_dir)}
     done = job_dir / "result.json"
@@ -264,8 +276,8 @@ def _run_record(result: dict, base: dict) -> dict:
 
 def run_study(args: argparse.Namespace) -> dict:
     """Base evaluation, then per arm the lr grid on the first seed and the remaining seeds at the chosen lr."""
+    from benchmarks.quality import fetch_bigbench_sdist, heldout_text, load_general_knowledge
     from benchmarks.sysinfo import describe
-    from s2ft_lightning.quality import fetch_bigbench_sdist, heldout_text, load_general_knowledge
 
     study, arms = load_configs(Path(args.config_dir), args.arms, args.smoke)
     if args.model:
@@ -348,7 +360,7 @@ def _diff(a: dict, b: dict, scale: float) -> str:
 
 def summarize(runs: list[dict]) -> dict[str, dict]:
     """Mean and sample std over seeds of every reported metric, from the raw per-run records."""
-    from s2ft_lightning.quality import mean_std
+    from benchmarks.quality import mean_std
 
     return {m: mean_std([r.get(m) for r in runs]) for m in METRICS}
 
