@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check for an H100 machine without package-registry access (see DESIGN.md, "H100 machine"):
+# One-shot GPU check for an H100 machine without package-registry access (docs/ARCHITECTURE.md, "GPU machine"):
 #   1. install torch-pruning + jsonargparse (and jsonargparse's signature extras if missing) from wheels/
 #   2. install this repo (--no-deps, editable; PYTHONPATH fallback)
 #   3. pytest -m cuda
