@@ -137,13 +137,15 @@ def run_job(spec: dict) -> dict:
     import torch
     from lightning.pytorch.callbacks import Callback
 
+    import s2ft_lightning
     from benchmarks.quality import QualityModule
     from s2ft_lightning.module import WarmupLinear
     from s2ft_lightning.pipeline import S2Config
 
     L.seed_everything(spec["seed"], verbose=False)
     dm = _datamodule(spec)
-    result: dict[str, Any] = {"spec": spec, "threads": torch.get_num_threads()}
+    result: dict[str, Any] = {"spec": spec, "threads": torch.get_num_threads(), "code": _code_version()}
+    result["code"]["package"] = str(Path(s2ft_lightning.__file__).parent)
     if spec["method"] == "base":
         from s2ft_lightning.models import load_model
 
@@ -210,6 +212,19 @@ def run_job(spec: dict) -> dict:
     if torch.cuda.is_available():
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return {**result, **_evaluate(module.model, dm.tokenizer, dm, spec)}
+
+
+def _code_version() -> dict:
+    """The git commit (and whether the tree had local changes) of the code a job ran with; not part of its key."""
+
+    def git(*a: str) -> str:
+        proc = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "HEAD") or None,
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
 def _job_key(spec: dict) -> str:
