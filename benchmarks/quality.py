@@ -25,9 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from benchmarks.lora_match import LORA_TARGETS, matched_lora_rank
 from s2ft_lightning.module import S2FTModule
 from s2ft_lightning.pipeline import S2Config
-from surgery.planner import LORA_TARGETS, matched_lora_rank
 
 BIGBENCH_VERSION = "1.0.0"
 GK_MEMBER = "bigbench/benchmark_tasks/general_knowledge/task.json"
@@ -50,7 +50,7 @@ def s2ft_trainable_count(model: nn.Module, s2: S2Config) -> int:
     """Weights S²FT would train on ``model`` with ``s2`` (plans the selection without touching the model)."""
     from surgery.planner import make_plan, slice_weight_count
 
-    plan = make_plan(model, **s2.ratios(), strategy=s2.strategy, variant=s2.variant, seed=s2.seed)
+    plan = make_plan(model, config=s2)
     return slice_weight_count(model, plan.slices)
 
 

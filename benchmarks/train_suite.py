@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.planner import LORA_TARGETS
+from benchmarks.lora_match import LORA_TARGETS
 
 MODES = ("frozen", "s2ft", "full", "lora", "lora_all")
 REPO = Path(__file__).resolve().parent.parent
@@ -238,7 +238,8 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
     else:
         from peft import LoraConfig, get_peft_model
 
-        from surgery.planner import matched_lora_rank, slice_weight_count
+        from benchmarks.lora_match import matched_lora_rank
+        from surgery.planner import slice_weight_count
 
         slices, how, err = s2ft_slices(model, cfg, apply=False)
         count = slice_weight_count(model, slices.slices if hasattr(slices, "slices") else slices)

@@ -5,12 +5,20 @@ Lightning parts: `S2FTModule`, the `S2FT` callback, `load_checkpoint`, adapter/m
 """
 
 from s2ft_lightning._version import __version__
-from s2ft_lightning.adapters import Adapter, AdapterError, extract_adapter, load_adapter, save_adapter
+from s2ft_lightning.adapters import (
+    Adapter,
+    AdapterBank,
+    AdapterError,
+    extract_adapter,
+    fuse_adapters,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+)
 from s2ft_lightning.attach import CheckpointError, load_checkpoint
 from s2ft_lightning.callbacks import S2FT, AdapterCheckpoint, MergeAdapters
 from s2ft_lightning.export import export_merged, merged_copy
 from s2ft_lightning.layers import state_dict_form, trainable_state_dict
-from s2ft_lightning.merge import AdapterBank, merge_adapter
 from s2ft_lightning.module import S2FTModule, WarmupLinear
 from s2ft_lightning.pipeline import S2Config, applied_plan, prepare_model
 from s2ft_lightning.reporting import HeldOutAccuracy, LossCurve
@@ -32,6 +40,7 @@ __all__ = [
     "applied_plan",
     "export_merged",
     "extract_adapter",
+    "fuse_adapters",
     "load_adapter",
     "load_checkpoint",
     "merge_adapter",

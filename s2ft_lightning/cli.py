@@ -31,7 +31,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> S2FTCLI:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "adapter":
-        from s2ft_lightning.adapter_cli import main as adapter_main
+        from s2ft_lightning.adapters.cli import main as adapter_main
 
         raise SystemExit(adapter_main(args[1:]))
     cli_main(argv)  # None: LightningCLI reads sys.argv itself (given both, it warns on every run)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import torch
 from torch import nn
 
 from s2ft_lightning import layers
+from s2ft_lightning.atomic import atomic_directory
 from s2ft_lightning.pipeline import applied_plan
 from surgery.plan import PlanError, S2Plan
 from surgery.planner import plan_id, unapply_plan
@@ -48,19 +47,10 @@ def export_merged(
     tokenizer: Any = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the merged, unpermuted model (and tokenizer) with ``save_pretrained``; atomic directory swap."""
-    out_dir = Path(out_dir)
+    """Write the merged, unpermuted model (and tokenizer) with ``save_pretrained``, all-or-nothing."""
     merged = merged_copy(model, plan, dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)

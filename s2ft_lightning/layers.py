@@ -25,10 +25,11 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from surgery.linear import is_conv1d, logical, logical_shape
 from surgery.plan import BlockSlice, S2Plan
 from surgery.planner import applied_plan_id, plan_id
 
-from .ops import delta_linear, gather_runs, merged_weight, weight_logical
+from .ops import delta_linear, gather_runs, merged_weight
 
 __all__ = [
     "S2InstallError",
@@ -64,16 +65,6 @@ class S2InstallError(ValueError):
     """A plan or block set that cannot be installed on this model (the model is left untouched)."""
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
-def _logical_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear or Conv1D."""
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if _is_conv1d(module) else (w.shape[0], w.shape[1])
-
-
 def _block_shape(feature: str, runs: Sequence[tuple[int, int]], out_f: int, in_f: int) -> tuple[int, int]:
     k = sum(e - s for s, e in runs)
     return (k, in_f) if feature == "out" else (out_f, k)
@@ -84,8 +75,8 @@ class S2Linear(nn.Module):
 
     def __init__(self, base: nn.Module, slices: Sequence[BlockSlice], master_dtype: torch.dtype | None = None):
         super().__init__()
-        self.transposed = _is_conv1d(base)
-        self.out_features, self.in_features = _logical_shape(base)
+        self.transposed = is_conv1d(base)
+        self.out_features, self.in_features = logical_shape(base)
         if self.transposed:
             self.nf = base.nf  # Conv1D callers read it
         # Same Parameter objects as the base: state_dict keys ``<module>.weight``/``.bias`` are unchanged.
@@ -109,7 +100,7 @@ class S2Linear(nn.Module):
     def base_block(self, i: int) -> torch.Tensor:
         """The frozen base values under block ``i`` (logical orientation, a copy)."""
         feature, runs = self.specs[i]
-        return gather_runs(weight_logical(self.weight, self.transposed), runs, 0 if feature == "out" else 1).clone()
+        return gather_runs(logical(self.weight, self.transposed), runs, 0 if feature == "out" else 1).clone()
 
     def merged_weight(self) -> torch.Tensor:
         """The weight with the deltas folded in (``cast(base_fp32 + Δ)``), in the base's layout and dtype."""
@@ -118,8 +109,8 @@ class S2Linear(nn.Module):
     @torch.no_grad()
     def merge_into_base_(self) -> None:
         """Write ``cast(base_fp32 + Δ)`` into the base weight at the blocks (in place, for uninstall)."""
-        merged = weight_logical(self.merged_weight(), self.transposed)
-        w = weight_logical(self.weight, self.transposed)
+        merged = logical(self.merged_weight(), self.transposed)
+        w = logical(self.weight, self.transposed)
         for feature, runs in self.specs:
             dim = 0 if feature == "out" else 1
             for s, e in runs:
@@ -149,7 +140,7 @@ class S2Linear(nn.Module):
         ):
             # Merged form: keep our base under the blocks and move the difference into the deltas.
             split = loaded.detach().to(self.weight.device, self.weight.dtype, copy=True)
-            lw, bw = weight_logical(split, self.transposed), weight_logical(self.weight, self.transposed)
+            lw, bw = logical(split, self.transposed), logical(self.weight, self.transposed)
             acc = torch.promote_types(self.weight.dtype, torch.float32)
             with torch.no_grad():
                 for key, d, (feature, runs) in zip(dkeys, self.deltas, self.specs):
@@ -190,12 +181,12 @@ def _validate(
                 "install on the model the plan was built for (the HF model, not a wrapper)"
             )
         mod = mods[name]
-        if not (isinstance(mod, nn.Linear) or _is_conv1d(mod)):
+        if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
             raise S2InstallError(
                 f"module {name!r} is a {type(mod).__name__}; S2 blocks can only be installed on nn.Linear "
                 "or transformers Conv1D modules"
             )
-        out_f, in_f = _logical_shape(mod)
+        out_f, in_f = logical_shape(mod)
         features = {s.feature for s in slices}
         if len(features) > 1:
             raise S2InstallError(f"module {name!r} has both row and column blocks; use one feature per module")

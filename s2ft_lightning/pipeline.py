@@ -9,74 +9,44 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
 from s2ft_lightning import layers
+from surgery.config import SelectionConfig
+from surgery.linear import logical_weight
 from surgery.plan import PlanError, S2Plan, model_fingerprint
 from surgery.planner import applied_plan as _applied
 from surgery.planner import apply_plan, make_plan, plan_id, unapply_plan
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("random", "weight", "activation", "weight_activation", "gradient")
 
+@dataclass(frozen=True)
+class S2Config(SelectionConfig):
+    """What S²FT trains and how: the selection (`surgery.config.SelectionConfig`) plus training-side settings.
 
-@dataclass
-class S2Config:
-    """What S²FT trains. Ratios are fractions of heads (o, v) or FFN channels (u, d) per layer.
-
-    The paper's recipes train O and Down columns: LLaMA2-7B o_ratio 0.052 + d_ratio 0.02;
-    LLaMA3-8B d_ratio 0.03.
+    Args:
+        verify: Check on seeded inputs that the permuted model computes the same function (max |Δlogits| <= 1e-4
+            of the logit scale in fp32) before training; the model is restored if not.
+        master_dtype: Dtype of the trained deltas on a bf16/fp16 base: "fp32" keeps small updates from being
+            rounded away; "base" trains in the base dtype.
     """
 
-    o_ratio: float = 0.0
-    v_ratio: float = 0.0
-    u_ratio: float = 0.0
-    d_ratio: float = 0.02
-    strategy: Literal["random", "weight", "activation", "weight_activation", "gradient"] = "random"
-    variant: Literal["large", "small"] = "large"
-    allocation: Literal["even", "global"] = "even"
-    seed: int = 42
     verify: bool = True
-    # Deltas are kept in this dtype when the base is half precision ("fp32" keeps small updates from being
-    # rounded away); "base" trains in the base dtype.
     master_dtype: Literal["fp32", "base"] = "fp32"
 
     def __post_init__(self) -> None:
-        for key, value in self.ratios().items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"S2Config.{key}={value!r} must be a number in [0, 1]")
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(
-                    f"S2Config.{key}={value} is outside [0, 1]: it is the fraction of heads (o, v) or FFN "
-                    "channels (u, d) trained per layer, e.g. 0.05 for 5%"
-                )
-        if not any(self.ratios().values()):
-            raise ValueError("S2Config trains nothing: set at least one of o_ratio, v_ratio, u_ratio, d_ratio > 0")
-        choices = {
-            "strategy": STRATEGIES,
-            "variant": ("large", "small"),
-            "allocation": ("even", "global"),
-            "master_dtype": ("fp32", "base"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"S2Config.{key}={getattr(self, key)!r} is not one of {list(allowed)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"S2Config.seed={self.seed!r} must be an int")
-
-    def ratios(self) -> dict[str, float]:
-        return {"o_ratio": self.o_ratio, "v_ratio": self.v_ratio, "u_ratio": self.u_ratio, "d_ratio": self.d_ratio}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        super().__post_init__()
+        if not isinstance(self.verify, bool):
+            raise ValueError(f"S2Config.verify={self.verify!r} must be true or false")
+        if self.master_dtype not in ("fp32", "base"):
+            raise ValueError(f"S2Config.master_dtype={self.master_dtype!r} is not one of ['fp32', 'base']")
 
 
 def applied_plan(model: nn.Module) -> S2Plan | None:
@@ -140,16 +110,7 @@ def prepare_model(
 
             structures = analyze(model)
         if plan is None:
-            plan = make_plan(
-                model,
-                structures,
-                **config.ratios(),
-                strategy=config.strategy,
-                variant=config.variant,
-                allocation=config.allocation,
-                seed=config.seed,
-                calibration=calibration,
-            )
+            plan = make_plan(model, structures, config, calibration=calibration)
         layers.check_installable(model, plan, master_dtype=master, permuted=False)  # refuse before any surgery
         plan = apply_plan(model, plan, structures, verify=config.verify)
         newly_permuted = True
@@ -171,14 +132,10 @@ def base_values_digest(model: nn.Module, plan: S2Plan) -> str:
     Same value on a stock base (reads the ``original`` indices) and on the prepared model (reads the permuted
     positions; the deltas are not included), so a checkpoint can refuse a different base of the same shape.
     """
-    from s2ft_lightning.ops import weight_logical
-
     permuted = applied_plan(model) is not None
     h = hashlib.sha256()
     for s in sorted(plan.slices, key=lambda s: (s.module, s.feature, s.runs[0])):
-        mod = model.get_submodule(s.module)
-        transposed = type(mod).__name__ == "Conv1D"
-        w = weight_logical(mod.weight, transposed)
+        w = logical_weight(model.get_submodule(s.module))
         dim = 0 if s.feature == "out" else 1
         idx = torch.tensor(s.positions() if permuted else s.original, dtype=torch.long, device=w.device)
         vals = w.index_select(dim, idx).to(torch.bfloat16).float().contiguous().cpu()  # dtype-independent

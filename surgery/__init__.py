@@ -4,10 +4,11 @@ Pure torch + transformers + torch-pruning; never imports Lightning.
 """
 
 from surgery.analyze import StructureError, analyze
+from surgery.config import STRATEGIES, SelectionConfig, SelectionError
 from surgery.permute import IllegalPermutation, apply_permutations, permute_coupling, permute_elements
 from surgery.plan import BlockSlice, PlanError, S2Plan, model_fingerprint
-from surgery.planner import apply_plan, make_plan
-from surgery.select import STRATEGIES, SelectionError, select
+from surgery.planner import apply_plan, make_plan, unapply_plan
+from surgery.select import select
 from surgery.structures import Coupling, Member, ModelStructures
 from surgery.verify import Certificate, VerificationError, verify_function
 
@@ -21,6 +22,7 @@ __all__ = [
     "ModelStructures",
     "PlanError",
     "S2Plan",
+    "SelectionConfig",
     "SelectionError",
     "StructureError",
     "VerificationError",
@@ -32,5 +34,6 @@ __all__ = [
     "permute_coupling",
     "permute_elements",
     "select",
+    "unapply_plan",
     "verify_function",
 ]

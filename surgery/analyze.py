@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .graph import GraphError, build_graph, linear_shape
+from .graph import GraphError, build_graph
 from .graph import cross_check as graph_cross_check
 from .heads import HeadConfigError, HeadInfo, head_info
+from .linear import linear_shape
 from .structures import Coupling, Member, ModelStructures
 
 

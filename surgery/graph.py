@@ -18,12 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .linear import Conv1D, linear_shape
 from .structures import Coupling, Member
-
-try:  # transformers is optional for the graph itself; Conv1D only exists there
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
 
 DEFAULT_TIME_BUDGET_S = 60.0
 _CHECK_EVERY = 256  # traversal steps between clock reads
@@ -43,15 +39,6 @@ def _tp():
     except ImportError as e:  # pragma: no cover
         raise GraphError("torch-pruning is not installed; `pip install torch-pruning`") from e
     return tp
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int, int] | None:
-    """(in_features, out_features, axis of the out features in ``weight``) for Linear / Conv1D, else None."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, 0
-    if Conv1D is not None and isinstance(module, Conv1D):
-        return module.weight.shape[0], module.weight.shape[1], 1
-    return None
 
 
 def _conv1d_pruner():

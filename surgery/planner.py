@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from surgery.graph import linear_shape
+from surgery.config import SelectionConfig, resolve
+from surgery.linear import linear_shape
 from surgery.permute import (
     IllegalPermutation,
     apply_permutations,
@@ -28,7 +29,7 @@ from surgery.permute import (
     touched_tensors,
 )
 from surgery.plan import BlockSlice, PlanError, S2Plan, model_fingerprint
-from surgery.select import RATIO_KEYS, role_members, select
+from surgery.select import role_members, select
 from surgery.structures import Coupling, Member, ModelStructures
 from surgery.verify import verify_function
 
@@ -93,40 +94,24 @@ def _slices(coupling: Coupling, perm: list[int], chosen: dict[str, list[int]]) -
 def make_plan(
     model: torch.nn.Module,
     structures: ModelStructures | None = None,
+    config: SelectionConfig | None = None,
     *,
-    o_ratio: float = 0.0,
-    v_ratio: float = 0.0,
-    u_ratio: float = 0.0,
-    d_ratio: float = 0.0,
-    strategy: str = "random",
-    variant: str = "large",
-    allocation: str = "even",
-    seed: int = 0,
     calibration: Iterable[Any] | None = None,
+    **settings: Any,
 ) -> S2Plan:
     """Select units, derive legal front-loading permutations and the block slices they produce.
 
-    Slices live in each module's feature space after permutation: o/down train "in" columns, v/up
-    train "out" rows; fused members include their offset; ``original`` maps back to the stock model.
+    What trains comes from ``config`` or keyword settings (`SelectionConfig` fields; ratios not given are 0).
+    Slices live in each module's feature space after permutation: o/down train "in" columns, v/up train "out"
+    rows; fused members include their offset; ``original`` maps back to the stock model.
     """
+    cfg = resolve(config, settings)
     if applied_plan_id(model) is not None:
         raise PlanError(
             f"model already carries applied plan {applied_plan_id(model)}; make plans on an unpermuted model"
         )
     structures = _structures(model, structures)
-    selection = select(
-        model,
-        structures,
-        o_ratio=o_ratio,
-        v_ratio=v_ratio,
-        u_ratio=u_ratio,
-        d_ratio=d_ratio,
-        strategy=strategy,
-        variant=variant,
-        allocation=allocation,
-        seed=seed,
-        calibration=calibration,
-    )
+    selection = select(model, structures, cfg, calibration=calibration)
     permutations: dict[str, list[int]] = {}
     slices: list[BlockSlice] = []
     couplings = []
@@ -141,11 +126,11 @@ def make_plan(
         slices += _slices(c, perm, ordered)
         couplings.append(c.to_dict())
     settings = {
-        **{RATIO_KEYS[r]: float(x) for r, x in zip(("o", "v", "up", "down"), (o_ratio, v_ratio, u_ratio, d_ratio))},
-        "strategy": strategy,
-        "variant": variant,
-        "allocation": allocation,
-        "seed": int(seed),
+        **{k: float(v) for k, v in cfg.ratios().items()},
+        "strategy": cfg.strategy,
+        "variant": cfg.variant,
+        "allocation": cfg.allocation,
+        "seed": int(cfg.seed),
         "tied": [list(t) for t in structures.tied],
         "couplings": couplings,
     }
@@ -240,29 +225,6 @@ def slice_weight_count(model: torch.nn.Module, slices: Iterable[BlockSlice]) -> 
         fan_in, fan_out, _ = linear_shape(mods[s.module])
         total += s.numel_features * (fan_out if s.feature == "in" else fan_in)
     return total
-
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-
-
-def matched_lora_rank(
-    model: torch.nn.Module, count: int, targets: Iterable[str] | str = LORA_TARGETS
-) -> tuple[int, int]:
-    """(rank, weights per unit of rank): the uniform LoRA rank on ``targets`` that trains closest to ``count``.
-
-    ``targets`` are module-name suffixes (PEFT's ``target_modules``) or ``"all-linear"`` (every Linear /
-    Conv1D but the output head, as PEFT reads it). Rank is at least 1. Used to size LoRA baselines.
-    """
-    if targets == "all-linear":
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        mods = [m for m in model.modules() if m is not head and linear_shape(m) is not None]
-    else:
-        names = set(targets)
-        mods = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names and linear_shape(m) is not None]
-    per_rank = sum(sum(linear_shape(m)[:2]) for m in mods)
-    if per_rank == 0:
-        raise ValueError(f"no Linear/Conv1D modules named {targets!r} in the model; pass the names LoRA should adapt")
-    return max(1, round(count / per_rank)), per_rank
 
 
 def apply_plan(

@@ -13,21 +13,12 @@ from typing import Any
 
 import torch
 
+from surgery.config import RATIO_KEYS, STRATEGIES, SelectionConfig, SelectionError, resolve
 from surgery.permute import member_index, pinned_view
 from surgery.structures import Coupling, Member, ModelStructures
 
-STRATEGIES = ("random", "weight", "activation", "weight_activation", "gradient")
-VARIANTS = ("large", "small")
-ALLOCATIONS = ("even", "global")
-DATA_STRATEGIES = ("activation", "weight_activation", "gradient")
-# Trainable role -> keyword of its budget.
-RATIO_KEYS = {"o": "o_ratio", "v": "v_ratio", "up": "u_ratio", "down": "d_ratio"}
-
 Selection = dict[str, dict[str, list[int]]]
-
-
-class SelectionError(ValueError):
-    """A budget, strategy or calibration set that cannot produce a valid selection."""
+__all__ = ["STRATEGIES", "Selection", "SelectionConfig", "SelectionError", "role_level_size", "role_members", "select"]
 
 
 def role_members(coupling: Coupling, role: str) -> list[Member]:
@@ -44,33 +35,6 @@ def role_level_size(coupling: Coupling, role: str) -> int:
 
 def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
-
-
-def _check_args(ratios: Mapping[str, float], strategy: str, variant: str, allocation: str, calibration) -> None:
-    for role, r in ratios.items():
-        key = RATIO_KEYS[role]
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 <= float(r) <= 1.0:
-            raise SelectionError(f"{key}={r!r} is outside [0, 1]; give the fraction of units to train")
-        if float(r) == 1.0:
-            raise SelectionError(
-                f"{key}=1 trains every unit of role {role!r}: that is full fine-tuning of those weights, "
-                "not S²FT; use a ratio below 1 (or full fine-tuning)"
-            )
-    if all(float(r) == 0.0 for r in ratios.values()):
-        raise SelectionError(
-            "every ratio is 0, so nothing would be trained; set at least one of " + ", ".join(RATIO_KEYS.values())
-        )
-    if strategy not in STRATEGIES:
-        raise SelectionError(f"unknown selection strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    if variant not in VARIANTS:
-        raise SelectionError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
-    if allocation not in ALLOCATIONS:
-        raise SelectionError(f"unknown allocation {allocation!r}; valid: {', '.join(ALLOCATIONS)}")
-    if strategy in DATA_STRATEGIES and not calibration:
-        raise SelectionError(
-            f"strategy {strategy!r} needs calibration batches (calibration=[{{'input_ids': ...}}, ...] or a "
-            "list of token-id tensors); use 'random' or 'weight' without data"
-        )
 
 
 def _allocate(sizes: Sequence[int], ratio: float, allocation: str, gen: torch.Generator) -> list[int]:
@@ -213,27 +177,25 @@ def _scores(model, work: list[tuple[Coupling, str]], strategy: str, calibration)
 def select(
     model: torch.nn.Module,
     structures: ModelStructures,
+    config: SelectionConfig | None = None,
     *,
-    o_ratio: float = 0.0,
-    v_ratio: float = 0.0,
-    u_ratio: float = 0.0,
-    d_ratio: float = 0.0,
-    strategy: str = "random",
-    variant: str = "large",
-    allocation: str = "even",
-    seed: int = 0,
     calibration: Iterable[Any] | None = None,
+    **settings: Any,
 ) -> Selection:
     """Pick the units to train: ``{coupling name: {role: sorted original indices}}``.
 
-    ``variant`` "large"/"small" keeps the highest/lowest scores (ignored by "random"). ``allocation``
-    "even" gives every layer round(ratio×n) (≥1) units; "global" distributes round(ratio×total) units
-    randomly across layers, as the paper does, then picks inside each layer by the strategy.
+    The budgets and strategy come from ``config`` or from keyword settings (`SelectionConfig` fields; ratios
+    not given are 0). Data-driven strategies score on ``calibration`` batches.
     """
-    ratios = {"o": o_ratio, "v": v_ratio, "up": u_ratio, "down": d_ratio}
+    cfg = resolve(config, settings)
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)
-    _check_args(ratios, strategy, variant, allocation, calibration)
+    if cfg.needs_data and not calibration:
+        raise SelectionError(
+            f"strategy {cfg.strategy!r} needs calibration batches (calibration=[{{'input_ids': ...}}, ...] or a "
+            "list of token-id tensors); use 'random' or 'weight' without data"
+        )
+    ratios, strategy, variant, allocation, seed = cfg.role_ratios(), cfg.strategy, cfg.variant, cfg.allocation, cfg.seed
     gen = torch.Generator().manual_seed(int(seed))
     plan_work: list[tuple[Coupling, str, int]] = []
     for role, ratio in ratios.items():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.tiny_models import tiny_model
 from s2ft_lightning.adapters import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -19,12 +20,11 @@ from s2ft_lightning.adapters import (
     list_adapters,
     load_adapter,
     load_adapters,
+    merge_adapter,
     save_adapter,
     save_adapters,
 )
-from s2ft_lightning.merge import merge_adapter
 from s2ft_lightning.pipeline import S2Config, prepare_model
-from surgery.tiny import tiny_model
 
 CASES = {"llama_gqa": ("llama", {"num_key_value_heads": 2}), "gpt2_conv1d": ("gpt2", {})}
 
@@ -237,7 +237,7 @@ def test_extract_refuses_uninstalled_model(llama_adapter):
 def test_adapter_cli_inspect_merge_export_fuse(llama_adapter, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from s2ft_lightning.adapter_cli import main
+    from s2ft_lightning.adapters.cli import main
 
     adapter, want, ids = llama_adapter
     base_dir = tmp_path / "base"

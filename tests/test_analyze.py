@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.tiny_models import SUPPORTED_TINY, tiny_model
 from surgery.analyze import StructureError, analyze
 from surgery.graph import GraphTimeout, build_graph, coupled_indices, cross_check
 from surgery.heads import HeadConfigError, head_info
 from surgery.structures import Coupling, Member, ModelStructures
-from surgery.tiny import SUPPORTED_TINY, tiny_model
 
 CASES = [pytest.param(mt, ov, id=mt + "".join(f"-{k}{v}" for k, v in ov.items())) for mt, ov in SUPPORTED_TINY]
 NO_ROPE = {"gpt2", "opt", "bert"}

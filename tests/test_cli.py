@@ -72,7 +72,7 @@ def test_fit_through_the_cli(tiny_llama_dir, alpaca_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from s2ft_lightning import load_adapter, merge_adapter
-    from s2ft_lightning.adapter_cli import main as adapter_main
+    from s2ft_lightning.adapters.cli import main as adapter_main
 
     assert (
         adapter_main(["merge", str(adapter_dir), "--out", str(tmp_path / "merged"), "--base", str(tiny_llama_dir)]) == 0

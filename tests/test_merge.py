@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from s2ft_lightning.adapters import Adapter, AdapterError, diff_adapter
-from s2ft_lightning.merge import AdapterBank, fuse_adapters, merge_adapter
+from s2ft_lightning.adapters import Adapter, AdapterBank, AdapterError, diff_adapter, fuse_adapters, merge_adapter
 
 
 class Tiny(nn.Module):

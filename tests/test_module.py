@@ -197,9 +197,9 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 
 def test_ratios_selecting_nothing_are_refused():
-    with pytest.raises(ValueError, match="trains nothing"):
+    with pytest.raises(ValueError, match="nothing would be trained"):
         S2Config(o_ratio=0.0, d_ratio=0.0)
-    with pytest.raises(ValueError, match=r"d_ratio=1.5 is outside \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"d_ratio=1.5 is outside \[0, 1\)"):
         S2Config(d_ratio=1.5)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from tiny_models import assert_same, state, tiny_llama
 
+from benchmarks.tiny_models import SUPPORTED_TINY, tiny_model
 from surgery import permute as permute_mod
 from surgery.analyze import analyze
 from surgery.permute import (
@@ -24,7 +25,6 @@ from surgery.permute import (
     runs_of,
 )
 from surgery.structures import Coupling, Member
-from surgery.tiny import SUPPORTED_TINY, tiny_model
 from surgery.verify import VerificationError, verify_function
 
 

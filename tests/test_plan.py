@@ -10,11 +10,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tiny_models import assert_same, state, tiny_llama
 
+from benchmarks.lora_match import matched_lora_rank
+from benchmarks.tiny_models import SUPPORTED_TINY, tiny_model
 from surgery.analyze import analyze
 from surgery.permute import IllegalPermutation
 from surgery.plan import PlanError, S2Plan
-from surgery.planner import applied_plan_id, apply_plan, make_plan, matched_lora_rank, plan_id
-from surgery.tiny import SUPPORTED_TINY, tiny_model
+from surgery.planner import applied_plan_id, apply_plan, make_plan, plan_id
 
 RATIOS = dict(o_ratio=0.5, v_ratio=0.5, u_ratio=0.1, d_ratio=0.1)
 

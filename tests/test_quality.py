@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.lora_match import matched_lora_rank
 from benchmarks.quality import (
     GK_MEMBER,
     QualityModule,
@@ -25,7 +26,6 @@ from benchmarks.quality import (
 )
 from s2ft_lightning.models import load_model
 from s2ft_lightning.pipeline import S2Config
-from surgery.planner import matched_lora_rank
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_tokenizer import save_tiny_llama  # noqa: E402

@@ -8,9 +8,9 @@ import pytest
 import torch
 from tiny_models import tiny_llama
 
+from benchmarks.tiny_models import tiny_model
 from surgery.analyze import analyze
 from surgery.select import STRATEGIES, SelectionError, role_level_size, select
-from surgery.tiny import tiny_model
 
 
 def calibration(n: int = 2, vocab: int = 128) -> list[dict[str, torch.Tensor]]:
@@ -112,7 +112,7 @@ def test_moe_shared_expert_is_selectable_and_3d_experts_are_not_sliced():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(o_ratio=-0.1), r"o_ratio=-0.1 is outside \[0, 1\]"),
+        (dict(o_ratio=-0.1), r"o_ratio=-0.1 is outside \[0, 1\)"),
         (dict(d_ratio=1.5), r"d_ratio=1.5 is outside"),
         (dict(u_ratio=1.0), "full fine-tuning"),
         (dict(), "every ratio is 0"),

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from s2ft_lightning.adapters import Adapter, AdapterError, BlockDelta, diff_adapter
-from s2ft_lightning.merge import merge_adapter
-from s2ft_lightning.serving import MultiAdapterModel, PackedBlocks, block_term_torch, block_term_triton
-from surgery.tiny import tiny_model
+from benchmarks.tiny_models import tiny_model
+from s2ft_lightning.adapters import Adapter, AdapterError, BlockDelta, diff_adapter, merge_adapter
+from s2ft_lightning.adapters.serving import MultiAdapterModel, PackedBlocks, block_term_torch, block_term_triton
 
 
 def _packed_case(out_f: int, in_f: int, ks: list[int], seed: int = 0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from surgery.tiny import tiny_model
+from benchmarks.tiny_models import tiny_model
 
 
 def tiny_llama(**kw) -> torch.nn.Module:

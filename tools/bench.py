@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package
 
-from benchmarks import report as rp  # noqa: E402
-from benchmarks import train_suite as ts  # noqa: E402
+from benchmarks import report as rp
+from benchmarks import train_suite as ts
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:

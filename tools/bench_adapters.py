@@ -25,9 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from s2ft_lightning.adapters import diff_adapter  # noqa: E402
-from s2ft_lightning.merge import AdapterBank  # noqa: E402
-from s2ft_lightning.serving import MultiAdapterModel  # noqa: E402
+from s2ft_lightning.adapters import AdapterBank, MultiAdapterModel, diff_adapter
 
 
 def build_base(args, dtype: torch.dtype):

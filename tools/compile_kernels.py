@@ -24,16 +24,16 @@ from typing import Any
 # The interpreter replaces triton.language at import time; the real compiler needs it untouched.
 os.environ.pop("TRITON_INTERPRET", None)
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from s2ft_lightning.ops.kernels import adamw, block_grad, multi_adapter  # noqa: E402
+from s2ft_lightning.ops.kernels import adamw, block_grad, multi_adapter
 
 # Max shared memory one block may opt into, bytes (CUDA programming guide, compute capabilities table).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}

@@ -1,7 +1,7 @@
 """Model audit: the coupled structures S²FT sees, what it would train, and proof the surgery is safe.
 
     python tools/inspect_structure.py MODEL [--tiny] [--o-ratio R --d-ratio R --v-ratio R --u-ratio R]
-                                     [--strategy random] [--seed N] [--verify] [--json]
+                                     [--strategy S] [--variant V] [--allocation A] [--seed N] [--verify] [--json]
 
 MODEL is a local HF folder, a .gguf file, ``demo:smollm2`` (the offline demo model), or with
 ``--tiny`` a transformers model_type from which a tiny random-init model is built. Exit code 1 when
@@ -15,12 +15,18 @@ import json
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch import nn
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # benchmarks/ (tiny models) is repository code, not installed
+
 from surgery.analyze import StructureError, analyze
-from surgery.graph import linear_shape
+from surgery.config import SelectionConfig, SelectionError, add_arguments, from_namespace
+from surgery.linear import linear_shape
 from surgery.plan import PlanError, S2Plan
 from surgery.planner import apply_plan, make_plan, slice_weight_count
 from surgery.structures import ModelStructures
@@ -30,7 +36,7 @@ LORA_ROLES = ("q", "k", "v", "up", "down")
 
 def load(model: str, tiny: bool) -> nn.Module:
     if tiny:
-        from surgery.tiny import tiny_model
+        from benchmarks.tiny_models import tiny_model
 
         return tiny_model(model)
     from s2ft_lightning.models import load_model
@@ -55,8 +61,7 @@ def audit(model: nn.Module, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     structures = analyze(model)
     t_analyze = time.perf_counter() - t0
-    ratios = {"o_ratio": args.o_ratio, "v_ratio": args.v_ratio, "u_ratio": args.u_ratio, "d_ratio": args.d_ratio}
-    plan: S2Plan = make_plan(model, structures, **ratios, strategy=args.strategy, seed=args.seed)
+    plan: S2Plan = make_plan(model, structures, args.selection)
     t1 = time.perf_counter()
     plan = apply_plan(model, plan, structures, verify=args.verify)
     t_apply = time.perf_counter() - t1
@@ -119,19 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("--tiny", action="store_true", help="MODEL is a model_type; build a tiny random model")
-    p.add_argument("--o-ratio", type=float, default=0.052)
-    p.add_argument("--v-ratio", type=float, default=0.0)
-    p.add_argument("--u-ratio", type=float, default=0.0)
-    p.add_argument("--d-ratio", type=float, default=0.02)
-    p.add_argument("--strategy", default="random")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verify", action="store_true")
-    p.add_argument("--json", action="store_true")
+    add_arguments(p.add_argument_group("what S²FT would train"), SelectionConfig, o_ratio=0.052, seed=0)
+    p.add_argument("--verify", action="store_true", help="permute the model and prove it computes the same function")
+    p.add_argument("--json", action="store_true", help="print the audit as JSON")
     args = p.parse_args(argv)
     try:
+        args.selection = from_namespace(args, SelectionConfig)
         model = load(args.model, args.tiny)
         result = audit(model, args)
-    except (StructureError, PlanError, ValueError, OSError) as e:
+    except (StructureError, PlanError, SelectionError, ValueError, OSError) as e:
         msg = f"{type(e).__name__}: {e}"
         if args.json:
             print(json.dumps({"error": msg, "verified": False}))

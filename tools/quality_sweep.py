@@ -28,7 +28,7 @@ for p in (REPO, REPO / "tools"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import quality_study as qs  # noqa: E402
+import quality_study as qs
 
 SCHEMA = "s2ft-pareto/1"
 PHASES = ("grid", "long", "variants")

@@ -23,7 +23,6 @@ from .delta_linear import (
     merged_weight,
     reference_block_grads,
     tn_matmul_torch,
-    weight_logical,
 )
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "reference_block_grads",
     "tn_matmul_torch",
     "triton_available",
-    "weight_logical",
 ]
 
 _MODES = ("auto", "triton", "torch")

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from surgery.linear import logical
+
 # One block: (feature, runs) with feature "in" | "out" and runs ((start, end), ...), in the module's
 # logical [out, in] orientation (Conv1D's transposed storage is handled by ``transposed``).
 Spec = tuple[str, tuple[tuple[int, int], ...]]
@@ -57,11 +59,6 @@ def tn_matmul_torch(
     return (a.t() @ b).float()
 
 
-def weight_logical(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """The ``[out, in]`` view of a weight (Conv1D stores ``[in, out]``)."""
-    return weight.t() if transposed else weight
-
-
 def merged_weight(
     weight: torch.Tensor, deltas: Sequence[torch.Tensor], specs: Sequence[Spec], transposed: bool = False
 ) -> torch.Tensor:
@@ -70,7 +67,7 @@ def merged_weight(
     One fp32 add and one cast per element: the same values `merge_adapter` writes into a stock base.
     """
     out = weight.detach().clone()
-    w = weight_logical(out, transposed)
+    w = logical(out, transposed)
     acc = torch.promote_types(weight.dtype, torch.float32)  # fp64 bases stay exact
     with torch.no_grad():
         for d, (feature, runs) in zip(deltas, specs):
@@ -87,7 +84,7 @@ class DeltaLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, specs, transposed, backend, *deltas):
-        w = weight_logical(weight, transposed)
+        w = logical(weight, transposed)
         y = F.linear(x, w, bias)
         need_block = [ctx.needs_input_grad[6 + i] for i in range(len(deltas))]
         need_full_x = any(nb and f == "out" for nb, (f, _) in zip(need_block, specs))
@@ -121,7 +118,7 @@ class DeltaLinearFn(torch.autograd.Function):
         deltas, saved_cols = rest[: ctx.n_deltas], rest[ctx.n_deltas :]
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight_logical(weight, ctx.transposed).to(g.dtype)
+            grad_x = g @ logical(weight, ctx.transposed).to(g.dtype)
             for d, (feature, runs) in zip(deltas, ctx.specs):
                 dc = d.to(g.dtype)
                 if feature == "in":  # columns c of W+Δ: grad_x[:, c] += g Δ
@@ -191,9 +188,9 @@ def reference_block_grads(
     deltas: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Full-weight autograd reference on ``W + Δ``: (grad_input, [block grads sliced out of the full grad])."""
-    w = weight_logical(weight, transposed).detach()
+    w = logical(weight, transposed).detach()
     if deltas is not None:
-        w = weight_logical(merged_weight(weight, deltas, specs, transposed), transposed)
+        w = logical(merged_weight(weight, deltas, specs, transposed), transposed)
     x = x.detach().requires_grad_(True)
     w = w.requires_grad_(True)
     y = F.linear(x, w, bias)

@@ -13,24 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from s2ft_lightning.adapters import (
-    Adapter,
-    AdapterError,
-    check_base,
-    load_adapter,
-    load_adapters,
-    save_adapter,
-)
-from s2ft_lightning.merge import AdapterBank, fuse_adapters
+from s2ft_lightning.adapters.bank import AdapterBank
+from s2ft_lightning.adapters.files import load_adapter, load_adapters, save_adapter
+from s2ft_lightning.adapters.format import Adapter, AdapterError, check_base
+from s2ft_lightning.adapters.fusion import fuse_adapters
+from s2ft_lightning.atomic import atomic_directory
 
-_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help="base model folder (default: base_model recorded in the adapter)")
     m.add_argument("--name", nargs="*", default=None, help="adapters of a multi-adapter directory (default: all)")
     m.add_argument("--scale", nargs="*", type=float, default=None, help="one scale per merged adapter")
-    m.add_argument("--dtype", choices=list(_DTYPES), default="auto")
+    m.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the merged model (auto: as stored)")
     e = sub.add_parser("export", help="write a standalone, validated copy of one adapter")
     e.add_argument("path")
     e.add_argument("--out", required=True)
@@ -95,13 +90,24 @@ def _inspect(args) -> int:
     return 0
 
 
-def _load_base(path: str | None, ads: list[Adapter], dtype: torch.dtype | None):
-    from transformers import AutoModelForCausalLM
+def _load_base(path: str | None, ads: list[Adapter], dtype: str) -> tuple[torch.nn.Module, Any, str]:
+    """(model, its tokenizer or None, where it came from) for --base or the base recorded in the adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from s2ft_lightning.models import resolve_dtype, resolve_path
 
     path = path or ads[0].base_model
-    if not path or not Path(path).is_dir():
-        raise AdapterError(f"base model folder {path!r} not found; pass --base with a local folder of the base model")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto"), path
+    if not path:
+        raise AdapterError("the adapter records no base model; pass --base with the base model's folder")
+    folder = resolve_path(path)  # prepares the demo model once for "demo:smollm2"
+    if not (folder / "config.json").is_file():
+        raise AdapterError(f"base model folder {str(folder)!r} not found (no config.json); pass --base <folder>")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype), local_files_only=True)
+    try:  # the merged folder gets the base's tokenizer as stored, when it has one
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer, str(path)
 
 
 def _merge(args) -> int:
@@ -113,24 +119,18 @@ def _merge(args) -> int:
     scales = args.scale or [1.0] * len(names)
     if len(scales) != len(names):
         raise AdapterError(f"{len(scales)} scales given for {len(names)} adapters")
-    model, base_path = _load_base(args.base, [ads[n] for n in names], _DTYPES[args.dtype])
+    model, tokenizer, base_path = _load_base(args.base, [ads[n] for n in names], args.dtype)
     bank = AdapterBank(model)
     for n in names:
         bank.add(ads[n], n)  # every adapter is checked against the base before anything is merged
     for n, s in zip(names, scales):
         bank.merge(n, s)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(args.out) as tmp:
         model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         _check_reload(model, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"merged {names} (scales {scales}) into {base_path} -> {out}")
+    print(f"merged {names} (scales {scales}) into {base_path} -> {args.out}")
     return 0
 
 
@@ -152,7 +152,7 @@ def _check_reload(model, folder: Path) -> None:
 def _export(args) -> int:
     adapter = load_adapter(args.path, args.name)
     if args.base:
-        model, _ = _load_base(args.base, [adapter], None)
+        model, _, _ = _load_base(args.base, [adapter], "auto")
         check_base(model, adapter)
     save_adapter(adapter, args.out)
     print(f"exported adapter {adapter.name!r} ({adapter.num_params:,} weights) -> {args.out}")
@@ -175,10 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``s2ft adapter``; returns the exit status (2 for a refused input, with the reason)."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return {"inspect": _inspect, "merge": _merge, "export": _export, "fuse": _fuse}[args.cmd](args)
+        code = {"inspect": _inspect, "merge": _merge, "export": _export, "fuse": _fuse}[args.cmd](args)
+        sys.stdout.flush()
+        return code
     except AdapterError as e:
         print(f"s2ft adapter {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

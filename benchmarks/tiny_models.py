@@ -1,4 +1,4 @@
-"""Tiny random-init Hugging Face models for tests and demos, built generically from any model type.
+"""Tiny random-init Hugging Face models for tests, audits and benchmarks, built generically from any model type.
 
 `tiny_config` starts from ``AutoConfig.for_model(model_type)`` and shrinks every size-like field it
 knows (hidden size, layers, heads, head_dim, intermediate, experts, vocab, positions), so one code path

@@ -14,7 +14,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from s2ft_lightning.adapters import Adapter, AdapterError, check_base, get_module, logical_weight, module_kind
+from s2ft_lightning.adapters.format import Adapter, AdapterError, check_base, get_module, module_kind
+from surgery.linear import logical_weight
 
 
 class PackedBlocks:

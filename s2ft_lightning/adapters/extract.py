@@ -1,0 +1,126 @@
+"""Read trained S²FT deltas into an `Adapter` in original index space (or diff two stock models)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from s2ft_lightning.adapters.format import (
+    Adapter,
+    AdapterError,
+    BaseCheck,
+    BlockDelta,
+    Feature,
+    get_module,
+    module_kind,
+    read_block,
+)
+from surgery.linear import logical_weight
+from surgery.plan import S2Plan, model_fingerprint
+
+
+def block_delta(
+    module: str,
+    feature: Feature,
+    original: Iterable[int],
+    delta: torch.Tensor,
+    base: torch.Tensor,
+    other_perm: list[int] | None = None,
+) -> BlockDelta:
+    """One trained block moved to original index space.
+
+    ``delta``/``base`` are the block's update and the base values under it, in trained-position order (rows
+    ``(k, in)`` or columns ``(out, k)``, logical orientation); ``base`` in the base dtype. ``other_perm``
+    (new -> old) un-permutes the other axis when the module's non-trained axis was permuted too.
+    """
+    original = [int(i) for i in original]
+    axis = 0 if feature == "out" else 1
+    if delta.shape != base.shape or delta.shape[axis] != len(original):
+        raise AdapterError(
+            f"{module}: delta {tuple(delta.shape)} / base block {tuple(base.shape)} do not match "
+            f"{len(original)} trained {feature!r} features"
+        )
+    if other_perm is not None:
+        inv = torch.argsort(torch.tensor(other_perm))
+        delta, base = delta.index_select(1 - axis, inv), base.index_select(1 - axis, inv)
+    base = base.detach().cpu()
+    return BlockDelta(module, feature, original, delta.detach().cpu().float().contiguous(), [BaseCheck.of(base)])
+
+
+def diff_adapter(
+    base: torch.nn.Module,
+    tuned: torch.nn.Module,
+    targets: Mapping[str, Mapping[str, Iterable[int]]],
+    base_model: str | None = None,
+    name: str | None = None,
+) -> Adapter:
+    """Adapter from two stock models (same architecture), at ``targets[module][feature] = indices``."""
+    blocks, shapes, kinds = [], {}, {}
+    for mod_name, feats in targets.items():
+        mb, mt = get_module(base, mod_name), get_module(tuned, mod_name)
+        wb, wt = logical_weight(mb), logical_weight(mt)
+        shapes[mod_name], kinds[mod_name] = tuple(wb.shape), module_kind(mb)
+        for feature, idx in feats.items():
+            idx_t = torch.tensor([int(i) for i in idx], dtype=torch.long)
+            base_vals = read_block(wb, feature, idx_t)
+            delta = read_block(wt, feature, idx_t).float() - base_vals.float()
+            blocks.append(block_delta(mod_name, feature, idx_t.tolist(), delta, base_vals))
+    adapter = Adapter(blocks, model_fingerprint(base), shapes, kinds, base_model=base_model, name=name)
+    adapter.validate()
+    return adapter
+
+
+def extract_adapter(
+    model: torch.nn.Module,
+    plan: S2Plan,
+    base_model: str | None = None,
+    name: str | None = None,
+) -> Adapter:
+    """Read the trained S2 deltas of an installed (permuted) model into an adapter in original index space.
+
+    The delta is the layer's trained update as is (the fp32 master when there is one); the base checks hash
+    the frozen base values under it. Several slices of one module and feature (e.g. GQA runs split over
+    slices) become one block.
+    """
+    from s2ft_lightning.layers import S2Linear
+
+    parts: dict[tuple[str, str], list[BlockDelta]] = {}
+    shapes, kinds = {}, {}
+    for s in plan.slices:
+        try:
+            wrapper = model.get_submodule(s.module)
+        except AttributeError as e:
+            raise AdapterError(f"plan module {s.module!r} is not in the model") from e
+        if not isinstance(wrapper, S2Linear):
+            raise AdapterError(
+                f"module {s.module!r} is a {type(wrapper).__name__}, not an installed S2Linear; extract from "
+                "the model prepared with this plan (before uninstall), or use diff_adapter on plain models"
+            )
+        match = [i for i, t in enumerate(wrapper.slices) if t.feature == s.feature and list(t.runs) == list(s.runs)]
+        if not match:
+            raise AdapterError(f"the S2 wrapper of {s.module!r} has no block for slice runs {s.runs}; wrong plan?")
+        i = match[0]
+        shapes[s.module] = (wrapper.out_features, wrapper.in_features)
+        kinds[s.module] = "conv1d" if wrapper.transposed else "linear"
+        delta, base = wrapper.deltas[i], wrapper.base_block(i)
+        parts.setdefault((s.module, s.feature), []).append(block_delta(s.module, s.feature, s.original, delta, base))
+    blocks = []
+    for (module, feature), bs in parts.items():
+        if len(bs) == 1:
+            blocks.append(bs[0])
+            continue
+        axis = 0 if feature == "out" else 1
+        blocks.append(
+            BlockDelta(
+                module,
+                feature,
+                [i for b in bs for i in b.indices],
+                torch.cat([b.delta for b in bs], dim=axis),
+                [BaseCheck(c.dtype, c.sha256, c.sha256_bf16, b.indices) for b in bs for c in b.base_checks],
+            )
+        )
+    adapter = Adapter(blocks, plan.fingerprint, shapes, kinds, base_model=base_model, name=name)
+    adapter.metadata["plan_settings"] = {k: v for k, v in plan.settings.items() if k not in ("couplings", "tied")}
+    adapter.validate()
+    return adapter
