@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from benchmarks.lora_match import LORA_TARGETS, matched_lora_rank
+from s2ft_lightning.demo import cache_root
 from s2ft_lightning.module import S2FTModule
 from s2ft_lightning.pipeline import S2Config
 
@@ -34,7 +35,7 @@ GK_MEMBER = "bigbench/benchmark_tasks/general_knowledge/task.json"
 # Forgetting probes of the sweep: BIG-bench multiple-choice tasks with short prompts on which SmolLM2-135M scores
 # well above chance (its base accuracies are in benchmarks/results/quality/pareto.md).
 FORGET_TASKS = ("general_knowledge", "similarities_abstraction", "phrase_relatedness", "movie_recommendation")
-BIGBENCH_CACHE = Path.home() / ".cache" / "s2ft-lightning" / "bigbench"
+BIGBENCH_CACHE = cache_root() / "bigbench"
 # Held-out plain text: the Apache-2.0 license text shipped in an installed package's metadata. Nothing in the
 # study trains on it; its sha256 is recorded so runs on other machines can check they scored the same text.
 PPL_TEXT_SOURCES = (("transformers", "LICENSE"), ("peft", "LICENSE"), ("reasoning_gym", "LICENSE"))

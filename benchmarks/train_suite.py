@@ -61,7 +61,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         seqs=[256],
         o_ratio=0.052,
         d_ratio=0.02,
-        slices="auto",
+        slices="planner",
         modes=list(MODES),
         steps=10,
         warmup=3,
@@ -118,7 +118,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         seqs=[32],
         o_ratio=0.25,
         d_ratio=0.05,
-        slices="hand",
+        slices="planner",
         modes=list(MODES),
         steps=2,
         warmup=1,
@@ -186,23 +186,21 @@ def hand_slices(model: nn.Module, o_ratio: float, d_ratio: float) -> list:
     return out
 
 
-def s2ft_slices(model: nn.Module, cfg: dict[str, Any], apply: bool) -> tuple[Any, str, str | None]:
-    """(plan or slices, "planner"|"hand", planner error). ``apply`` permutes the model by the plan."""
-    how = cfg.get("slices", "auto")
-    err = None
-    if how in ("auto", "planner"):
-        try:
-            from surgery.planner import apply_plan, make_plan
+def s2ft_slices(model: nn.Module, cfg: dict[str, Any], apply: bool) -> tuple[Any, str]:
+    """(plan or slices, "planner"|"hand") as the config's ``slices`` says; ``apply`` permutes by the plan.
 
-            plan = make_plan(model, o_ratio=cfg["o_ratio"], d_ratio=cfg["d_ratio"], seed=0)
-            if apply:
-                plan = apply_plan(model, plan)
-            return plan, "planner", None
-        except Exception as e:  # noqa: BLE001 - any planner failure falls back to hand slices
-            if how == "planner":
-                raise
-            err = f"{type(e).__name__}: {e}"[:300]
-    return hand_slices(model, cfg["o_ratio"], cfg["d_ratio"]), "hand", err
+    "planner" runs the real selection and surgery (a failure is an error, never a silent substitute); "hand"
+    takes the first heads/channels without surgery, for shapes too large to analyse cheaply.
+    """
+    how = cfg.get("slices", "planner")
+    if how == "hand":
+        return hand_slices(model, cfg["o_ratio"], cfg["d_ratio"]), "hand"
+    if how != "planner":
+        raise ValueError(f"slices={how!r}: use 'planner' or 'hand'")
+    from surgery.planner import apply_plan, make_plan
+
+    plan = make_plan(model, o_ratio=cfg["o_ratio"], d_ratio=cfg["d_ratio"], seed=0)
+    return (apply_plan(model, plan) if apply else plan), "planner"
 
 
 @dataclass
@@ -228,8 +226,8 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
     elif mode == "s2ft":
         from s2ft_lightning.layers import install
 
-        plan, how, err = s2ft_slices(model, cfg, apply=True)
-        info.update(slices=how, planner_error=err)
+        plan, how = s2ft_slices(model, cfg, apply=True)
+        info.update(slices=how)
         md = cfg.get("master_dtype", "auto")
         install(model, plan, master_dtype=_DTYPES.get(md, md))
         from s2ft_lightning.ops import backend_for
@@ -241,7 +239,7 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
         from benchmarks.lora_match import matched_lora_rank
         from surgery.planner import slice_weight_count
 
-        slices, how, err = s2ft_slices(model, cfg, apply=False)
+        slices, how = s2ft_slices(model, cfg, apply=False)
         count = slice_weight_count(model, slices.slices if hasattr(slices, "slices") else slices)
         targets: Any = list(LORA_TARGETS) if mode == "lora" else "all-linear"
         rank, per_rank = matched_lora_rank(model, count, targets)

@@ -1,52 +1,57 @@
 """S²FT (Structured Sparse Fine-Tuning) for PyTorch Lightning.
 
-Lightning parts: `S2FTModule`, the `S2FT` callback, `load_checkpoint`, adapter/merge callbacks. Plain PyTorch:
-`prepare_model` (surgery + S2 layers), `trainable_state_dict`, adapter extract/save/load/merge, merged export.
+Lightning parts: `S2FTModule`, the `S2FT` callback, `load_checkpoint`, adapter/merge/report callbacks. Plain
+PyTorch: `prepare_model` (surgery + S2 layers), `trainable_state_dict`, adapter extract/save/load/merge/fuse,
+merged export. Names are imported on first use, so ``import s2ft_lightning.adapters`` (or layers, ops) does not
+pull in Lightning.
 """
 
-from s2ft_lightning._version import __version__
-from s2ft_lightning.adapters import (
-    Adapter,
-    AdapterBank,
-    AdapterError,
-    extract_adapter,
-    fuse_adapters,
-    load_adapter,
-    merge_adapter,
-    save_adapter,
-)
-from s2ft_lightning.attach import CheckpointError, load_checkpoint
-from s2ft_lightning.callbacks import S2FT, AdapterCheckpoint, MergeAdapters
-from s2ft_lightning.export import export_merged, merged_copy
-from s2ft_lightning.layers import state_dict_form, trainable_state_dict
-from s2ft_lightning.module import S2FTModule, WarmupLinear
-from s2ft_lightning.pipeline import S2Config, applied_plan, prepare_model
-from s2ft_lightning.reporting import HeldOutAccuracy, LossCurve
+from __future__ import annotations
 
-__all__ = [
-    "S2FT",
-    "Adapter",
-    "AdapterBank",
-    "AdapterCheckpoint",
-    "AdapterError",
-    "CheckpointError",
-    "HeldOutAccuracy",
-    "LossCurve",
-    "MergeAdapters",
-    "S2Config",
-    "S2FTModule",
-    "WarmupLinear",
-    "__version__",
-    "applied_plan",
-    "export_merged",
-    "extract_adapter",
-    "fuse_adapters",
-    "load_adapter",
-    "load_checkpoint",
-    "merge_adapter",
-    "merged_copy",
-    "prepare_model",
-    "save_adapter",
-    "state_dict_form",
-    "trainable_state_dict",
-]
+import importlib
+from typing import Any
+
+from s2ft_lightning._version import __version__ as __version__
+
+_EXPORTS = {
+    "S2FT": "s2ft_lightning.callbacks",
+    "AdapterCheckpoint": "s2ft_lightning.callbacks",
+    "MergeAdapters": "s2ft_lightning.callbacks",
+    "S2FTModule": "s2ft_lightning.module",
+    "WarmupLinear": "s2ft_lightning.module",
+    "HeldOutAccuracy": "s2ft_lightning.reporting",
+    "LossCurve": "s2ft_lightning.reporting",
+    "RunSummary": "s2ft_lightning.reporting",
+    "StepLog": "s2ft_lightning.reporting",
+    "CheckpointError": "s2ft_lightning.attach",
+    "load_checkpoint": "s2ft_lightning.attach",
+    "S2Config": "s2ft_lightning.pipeline",
+    "applied_plan": "s2ft_lightning.pipeline",
+    "prepare_model": "s2ft_lightning.pipeline",
+    "state_dict_form": "s2ft_lightning.layers",
+    "trainable_state_dict": "s2ft_lightning.layers",
+    "export_merged": "s2ft_lightning.export",
+    "merged_copy": "s2ft_lightning.export",
+    "Adapter": "s2ft_lightning.adapters",
+    "AdapterBank": "s2ft_lightning.adapters",
+    "AdapterError": "s2ft_lightning.adapters",
+    "extract_adapter": "s2ft_lightning.adapters",
+    "fuse_adapters": "s2ft_lightning.adapters",
+    "load_adapter": "s2ft_lightning.adapters",
+    "merge_adapter": "s2ft_lightning.adapters",
+    "save_adapter": "s2ft_lightning.adapters",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 's2ft_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

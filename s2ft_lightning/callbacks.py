@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -15,6 +14,7 @@ from torch import nn
 from s2ft_lightning.attach import CHECKPOINT_KEY, S2Attachment
 from s2ft_lightning.layers import installed
 from s2ft_lightning.pipeline import S2Config, applied_plan
+from s2ft_lightning.reporting import run_dir
 from surgery.plan import S2Plan
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class S2FT(Callback):
                     "S2FT callback: the optimizer holds none of the S2 delta parameters; build it from "
                     "self.parameters() (or the trainable ones) in configure_optimizers"
                 )
-        out = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
+        out = run_dir(trainer)  # a collective call: every rank
         if trainer.is_global_zero:
             self.attachment.write_provenance(out)
 
@@ -119,12 +119,23 @@ def _find_plan_model(pl_module: L.LightningModule) -> tuple[nn.Module, S2Plan]:
 
 
 class AdapterCheckpoint(Callback):
-    """Write the trained blocks as an adapter directory every ``every_n_steps`` and at fit end."""
+    """Write the trained blocks as an adapter directory every ``every_n_steps`` and at fit end.
 
-    def __init__(self, dirpath: str = "adapters", every_n_steps: int = 0, name: str = "default"):
-        self.dirpath = Path(dirpath)
+    Args:
+        dirpath: Folder of the adapter directories; default: adapter/ in the run's directory.
+        every_n_steps: Also write ``step-<n>`` adapters every this many steps (0: only at fit end).
+        name: Name of the final adapter's directory (and the name recorded in it).
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_steps: int = 0, name: str = "default"):
+        self.dirpath = Path(dirpath) if dirpath else None
         self.every_n_steps = every_n_steps
         self.name = name
+        self.written: dict[str, Path] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = run_dir(trainer) / "adapter"  # every rank: log_dir is a collective
 
     def _write(self, pl_module: L.LightningModule, tag: str) -> Path:
         from s2ft_lightning.adapters import extract_adapter, save_adapter
@@ -144,21 +155,33 @@ class AdapterCheckpoint(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self.last_path = self._write(pl_module, self.name)
+            self.written = {"adapter": self.last_path}
 
 
 class MergeAdapters(Callback):
-    """At fit end, fold the trained blocks into a plain, unpermuted copy and `save_pretrained` it."""
+    """At fit end, fold the trained blocks into a plain, unpermuted copy and `save_pretrained` it.
 
-    def __init__(self, dirpath: str = "merged", dtype: str | None = None):
-        self.dirpath = Path(dirpath)
+    Args:
+        dirpath: Folder of the merged model; default: merged/ in the run's directory.
+        dtype: Dtype of the saved model (default: the base's), e.g. bfloat16.
+    """
+
+    def __init__(self, dirpath: str | None = None, dtype: str | None = None):
+        self.dirpath = Path(dirpath) if dirpath else None
         self.dtype = dtype
+        self.written: dict[str, Path] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = run_dir(trainer) / "merged"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         from s2ft_lightning.export import export_merged
+        from s2ft_lightning.models import resolve_dtype
 
         model, plan = _find_plan_model(pl_module)
         tokenizer = getattr(pl_module, "tokenizer", None)
-        dtype = getattr(torch, self.dtype) if self.dtype else None
-        export_merged(model, plan, self.dirpath, tokenizer=tokenizer, dtype=dtype)
+        dtype = resolve_dtype(self.dtype) if self.dtype else None
+        self.written = {"merged model": export_merged(model, plan, self.dirpath, tokenizer=tokenizer, dtype=dtype)}

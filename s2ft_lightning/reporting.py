@@ -1,16 +1,30 @@
-"""Callbacks that measure and report a run: held-out accuracy before/after, and the loss curve."""
+"""Callbacks that measure and report a run: held-out accuracy, the loss curve, step lines, the end summary.
+
+Every run writes into its own directory, the logger's versioned one (`run_dir`), so runs never overwrite
+each other; `RunSummary` names what was written and points ``<logger dir>/latest`` at the newest run.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 log = logging.getLogger(__name__)
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """This run's directory: the logger's versioned folder, else ``default_root_dir``.
+
+    ``trainer.log_dir`` is a collective under DDP: call this on every rank.
+    """
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 class HeldOutAccuracy(Callback):
@@ -18,6 +32,12 @@ class HeldOutAccuracy(Callback):
 
     Works with any datamodule that has ``evaluate(model, split, max_new_tokens=, batch_size=)``
     (e.g. `ReasoningGymDataModule`). Results are logged, printed and written to ``<log_dir>/accuracy.json``.
+
+    Args:
+        split: The held-out split to score: "test" or "val".
+        max_new_tokens: Tokens generated per answer (greedy).
+        batch_size: Prompts generated at once.
+        before: Also score the untrained model before fit.
     """
 
     def __init__(self, split: str = "test", max_new_tokens: int = 8, batch_size: int = 32, before: bool = True):
@@ -54,17 +74,24 @@ class HeldOutAccuracy(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.results["train_seconds"] = time.perf_counter() - self._t_fit
         self._evaluate(trainer, pl_module, "after")
-        out = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call: every rank
+        out = run_dir(trainer)  # a collective call: every rank
         if trainer.is_global_zero:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "accuracy.json").write_text(json.dumps(self.results, indent=1))
+            path = out / "accuracy.json"
+            path.write_text(json.dumps(self.results, indent=1))
+            self.written = {"accuracy": path}
 
 
 class LossCurve(Callback):
-    """Record the training loss every step and write a PNG (and CSV) of the curve at fit end."""
+    """Record the training loss every step and write a PNG (and CSV) of the curve at fit end.
 
-    def __init__(self, path: str = "loss_curve.png", smooth: int = 10):
-        self.path = Path(path)
+    Args:
+        path: Where the PNG goes (the CSV beside it); default: loss_curve.png in the run's directory.
+        smooth: Window of the running mean drawn over the raw loss.
+    """
+
+    def __init__(self, path: str | None = None, smooth: int = 10):
+        self.path = Path(path) if path else None
         self.smooth = smooth
         self.steps: list[int] = []
         self.losses: list[float] = []
@@ -74,6 +101,10 @@ class LossCurve(Callback):
         if loss is not None:
             self.steps.append(trainer.global_step)
             self.losses.append(float(loss.detach()))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.path is None:
+            self.path = run_dir(trainer) / "loss_curve.png"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not self.losses:
@@ -103,4 +134,64 @@ class LossCurve(Callback):
         self.path.with_suffix(".csv").write_text(
             "step,loss\n" + "".join(f"{s},{v}\n" for s, v in zip(self.steps, self.losses))
         )
-        print(f"loss curve written to {self.path}", flush=True)
+        self.written = {"loss curve": self.path}
+
+
+class StepLog(Callback):
+    """Print a line every ``every_n_steps`` optimizer steps when stdout is not a terminal (logs, CI, nohup).
+
+    A progress bar draws nothing into a file; these lines say how far a run is and how fast it goes.
+
+    Args:
+        every_n_steps: Steps between lines (default: the trainer's log_every_n_steps).
+        force: Print even when stdout is a terminal.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, force: bool = False):
+        self.every_n_steps = every_n_steps
+        self.force = force
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._active = trainer.is_global_zero and (self.force or not sys.stdout.isatty())
+        self._t0, self._step0 = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        every = self.every_n_steps or trainer.log_every_n_steps or 50
+        step = trainer.global_step
+        if not self._active or step == self._step0 or step % every:
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        rate = (time.perf_counter() - self._t0) / (step - self._step0)
+        total = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
+        value = f"loss {float(loss.detach()):.4f}  " if loss is not None else ""
+        print(f"step {step}{total}  {value}{rate:.2f} s/step", flush=True)
+
+
+class RunSummary(Callback):
+    """After fit, print where this run wrote its adapter, checkpoints, curve and accuracy, and point
+    ``<logger dir>/latest`` at this run's directory (so ``.../latest/checkpoints/last.ckpt`` always works).
+
+    Runs in ``teardown``, after every callback's ``on_fit_end`` has written its files.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._dir = run_dir(trainer)  # every rank
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero or trainer.interrupted:
+            return
+        lines = [f"run directory: {self._dir}"]
+        for cb in trainer.callbacks:
+            for label, path in getattr(cb, "written", {}).items():  # what our callbacks wrote
+                lines.append(f"  {label}: {path}")
+            if isinstance(cb, ModelCheckpoint) and (cb.last_model_path or cb.best_model_path):
+                lines.append(f"  checkpoint: {cb.last_model_path or cb.best_model_path}")
+        if self._dir.name.startswith("version_") and self._dir.exists():
+            latest = self._dir.parent / "latest"
+            if latest.is_symlink() or not latest.exists():
+                tmp = latest.with_name(f".latest-{os.getpid()}")
+                tmp.unlink(missing_ok=True)
+                tmp.symlink_to(self._dir.name)
+                os.replace(tmp, latest)
+                lines.append(f"  also at: {latest}")
+        print("\n".join(lines), flush=True)

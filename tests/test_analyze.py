@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -238,10 +237,8 @@ def test_plain_mlp_without_attention_raises():
 
 def test_model_type_without_attention_raises():
     model = tiny_model("mamba")
-    t = time.monotonic()
     with pytest.raises(StructureError, match="MambaForCausalLM: no attention blocks"):
-        analyze(model)
-    assert time.monotonic() - t < 20
+        analyze(model, time_budget_s=20.0)  # a traversal that ran away would raise GraphTimeout instead
 
 
 def test_layer_missing_ffn_raises_naming_layer():
@@ -316,21 +313,18 @@ def test_graph_time_budget_prevents_hang():
     model = tiny_model("llama", num_key_value_heads=2)
     dg = build_graph(model)
     o_proj = model.model.layers[0].self_attn.o_proj
-    t = time.monotonic()
     with pytest.raises(GraphTimeout, match="budget"):
         coupled_indices(dg, o_proj, "in", range(32), time_budget_s=0.0)
     with pytest.raises(GraphTimeout):  # stock torch-pruning cycles forever here (VainF/Torch-Pruning#527)
         coupled_indices(build_graph(model), o_proj, "in", range(32), time_budget_s=1.0, fix_concat=False)
     s = analyze(model, time_budget_s=0.0)  # falls back to the module-structure path, with a note
     assert any("cross-check skipped" in n for n in s.notes)
-    assert time.monotonic() - t < 10
 
 
-def test_gqa_rope_graph_is_fast_and_confirms_kv_mapping():
+def test_gqa_rope_graph_confirms_kv_mapping():
     model = tiny_model("qwen2", num_key_value_heads=2)
-    t = time.monotonic()
+    # With the concat fix the traversal ends; without it, it would run into the time budget (GraphTimeout).
     report = cross_check(model, analyze(model, cross_check=False).by_kind("heads"))
-    assert time.monotonic() - t < 10
     assert not report.conflicts
     assert any("k_proj" in x for x in report.confirmed) and any("v_proj" in x for x in report.confirmed)
 

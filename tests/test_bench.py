@@ -54,10 +54,17 @@ def test_frozen_mode_has_no_trainable_params_but_input_grads(cfg):
         assert p.grad is None and torch.equal(p, before[n])
 
 
-def test_s2ft_and_full_trainable_counts(cfg):
-    s2 = ts.setup_mode("s2ft", cfg, "cpu")
-    assert s2.info["trainable_params"] == _expected_s2ft_count(cfg)
-    assert s2.info["slices"] in ("planner", "hand")
+@pytest.mark.parametrize("slices", ["planner", "hand"])
+def test_s2ft_and_full_trainable_counts(cfg, slices):
+    s2 = ts.setup_mode("s2ft", {**cfg, "slices": slices}, "cpu")
+    assert s2.info["slices"] == slices
+    assert s2.info["trainable_params"] == _expected_s2ft_count(cfg)  # the same budget either way
+    if slices == "planner":  # real surgery: the model is permuted by a verified plan
+        from surgery.planner import applied_plan
+
+        assert applied_plan(s2.model).certificate["passed"]
+    with pytest.raises(ValueError, match="use 'planner' or 'hand'"):
+        ts.setup_mode("s2ft", {**cfg, "slices": "auto"}, "cpu")
     full = ts.setup_mode("full", cfg, "cpu")
     assert full.info["trainable_params"] == full.info["total_params"]
 

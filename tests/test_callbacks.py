@@ -55,6 +55,7 @@ def test_s2ft_callback_trains_only_blocks_with_the_users_optimizer(tiny_llama_di
     blocks = [p for p in user.parameters() if p.requires_grad]
     held = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
     assert blocks and len(held) == len(blocks) and all(any(p is b for b in blocks) for p in held)
+    assert all(float(p.abs().max()) > 0 for p in blocks)  # every delta (zeros at the start) trained
     assert all(p.grad is None for p in user.parameters() if not p.requires_grad)
     # Weight decay and updates reached only blocks: embeddings and norms are bit-identical.
     for name, p in user.named_parameters():

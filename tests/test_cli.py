@@ -53,10 +53,12 @@ def test_every_recipe_parses_and_instantiates(config, tiny_llama_dir, alpaca_fil
         assert sched.warmup_steps == raw["model"]["scheduler"]["init_args"]["warmup_steps"]
 
 
-def test_fit_through_the_cli(tiny_llama_dir, alpaca_file, tmp_path):
+def test_fit_through_the_cli(tiny_llama_dir, alpaca_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths of the recipe land in the test's folder
     quick = next(c for c in CONFIGS if c.stem == "quickstart")
     args = _tiny_args(quick, tiny_llama_dir, alpaca_file)
-    args += ["--trainer.max_steps", "2", "--data.init_args.train_size", "16", "--data.init_args.test_size", "4"]
+    args += ["--trainer.max_steps", "2", "--data.init_args.train_size", "32", "--data.init_args.test_size", "4"]
+    args += ["--data.init_args.val_size", "4"]
     args += ["--data.init_args.task_kwargs.min_digits", "1"]
     out = tmp_path / "q"
     args += [
@@ -131,3 +133,50 @@ def test_wrong_type_is_reported(tmp_path, capsys):
     assert e.value.code != 0
     err = capsys.readouterr().err
     assert "d_ratio" in err and "lots" in err
+
+
+def _run_main(argv, capsys, monkeypatch=None):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code, capsys.readouterr()
+
+
+def test_mistakes_are_one_paragraph_and_exit_2_before_any_model_loads(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    quick = str(next(c for c in CONFIGS if c.stem == "quickstart"))
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["fit", "--config", quick, "--model.s2.o_ratio", "2.0"], "o_ratio=2.0 is outside [0, 1)"),
+        (["fit", "--config", quick, "--model.o_ratio", "0.1"], "use --model.s2.o_ratio"),
+        (["fit", "--config", quick, "--model.model", str(tmp_path / "nope")], "does not exist"),
+        (
+            ["validate", "--config", quick, "--model.model", str(tiny_llama_dir), "--ckpt_path", "gone.ckpt"],
+            "checkpoint 'gone.ckpt' does not exist",
+        ),
+    ]
+    for argv, message in cases:
+        code, out = _run_main(argv, capsys)
+        assert code == 2, argv
+        assert message in out.err and "Traceback" not in out.err, out.err
+        assert out.err.strip().count("\n") == 0  # one paragraph
+    occupied = tmp_path / "cache" / "smollm2-135m"
+    occupied.mkdir(parents=True)
+    (occupied / "other.bin").write_text("x")
+    monkeypatch.setenv("S2FT_CACHE", str(tmp_path / "cache"))
+    code, out = _run_main(["fit", "--config", quick], capsys)
+    assert code == 2 and "holds no complete demo model" in out.err and "S2FT_CACHE" in out.err
+    assert [p.name for p in occupied.iterdir()] == ["other.bin"]  # nothing touched
+    assert not (tmp_path / "runs").exists()  # refused before any run directory was made
+
+
+def test_top_level_help_lists_the_adapter_tools(capsys):
+    code, out = _run_main(["--help"], capsys)
+    assert code == 0 and "s2ft adapter merge" in out.out and "s2ft adapter inspect" in out.out
+
+
+def test_fit_help_describes_every_s2_option(capsys):
+    code, out = _run_main(["fit", "--help"], capsys)
+    assert code == 0
+    text = " ".join(out.out.split())
+    for option in ("o_ratio", "v_ratio", "u_ratio", "d_ratio", "strategy", "variant", "allocation", "seed"):
+        assert f"--model.s2.{option}" in text
+    assert "Fraction of attention heads per layer" in text and "The base model: a local Hugging Face folder" in text

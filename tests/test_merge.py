@@ -232,8 +232,8 @@ def test_fused_merge_equals_sequential_merges_and_cross_mean():
         fuse_adapters([ads["rows_a"]], overlap="max")
 
 
-def test_precomputed_switch_agrees_with_general_path_on_runs_and_scattered_indices():
-    """Switch/merge-alone write precomputed values; stacking goes through the general recompute path."""
+def test_switch_stack_and_unstack_agree_with_a_fresh_merge_on_runs_and_scattered_indices():
+    """One adapter alone uses its precomputed values; stacked ones are composed; both write the same way."""
     model = _model()
     base = _weights(model)
     specs = {
@@ -248,8 +248,8 @@ def test_precomputed_switch_agrees_with_general_path_on_runs_and_scattered_indic
         bank.switch(name, scale)
         alone = _weights(model)
         other = "runs" if name == "scattered" else "scattered"
-        bank.merge(other)  # general path: recompute the union with both merged
-        bank.unmerge(other)  # general path again: back to `name` alone
+        bank.merge(other)  # both merged: composed values at each adapter's positions
+        bank.unmerge(other)  # back to `name` alone
         assert all(torch.equal(v, alone[k]) for k, v in model.state_dict().items())
         fresh = _model()
         merge_adapter(fresh, ads[name], scale)
@@ -258,7 +258,7 @@ def test_precomputed_switch_agrees_with_general_path_on_runs_and_scattered_indic
     assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
 
 
-def test_switch_after_the_model_is_cast_takes_the_general_path_exactly():
+def test_switch_after_the_model_is_cast_recomputes_exactly():
     model = _model()
     ads = _adapters(model)
     bank = AdapterBank(model)

@@ -156,8 +156,12 @@ def test_prepare_is_idempotent_and_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no complete demo model"):
         demo.prepare_demo_model(other)
     assert (other / "keep.txt").read_text() == "mine"
-    monkeypatch.setenv("S2FT_CACHE", str(target))
-    assert demo.default_cache_dir() == target and demo.prepare_demo_model() == target
+    # S2FT_CACHE is the cache root: the demo model lives in its smollm2-135m folder.
+    monkeypatch.setenv("S2FT_CACHE", str(tmp_path / "root"))
+    (tmp_path / "root" / "smollm2-135m").mkdir(parents=True)
+    (tmp_path / "root" / "smollm2-135m" / demo.COMPLETE_MARKER).write_text("{}")
+    assert demo.cache_root() == tmp_path / "root"
+    assert demo.prepare_demo_model() == demo.default_cache_dir() == tmp_path / "root" / "smollm2-135m"
 
 
 def test_download_failure_message_points_at_pypi(tmp_path, monkeypatch):

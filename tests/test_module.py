@@ -190,10 +190,9 @@ def test_adapter_and_merged_export(tiny_llama_dir, tmp_path):
             assert torch.equal(t, merged_sd[name]), name
 
 
-def test_missing_model_path_is_a_clear_error(tmp_path):
-    module = S2FTModule(str(tmp_path / "nope"), s2=S2)
+def test_missing_model_path_is_a_clear_error_at_construction(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
-        module.configure_model()
+        S2FTModule(str(tmp_path / "nope"), s2=S2)
 
 
 def test_ratios_selecting_nothing_are_refused():
@@ -245,7 +244,19 @@ def test_data_driven_selection_uses_calibration_batches(tiny_llama_dir, tmp_path
     s2 = S2Config(o_ratio=0.25, d_ratio=0.1, strategy="weight_activation", seed=3)
     module = S2FTModule(str(tiny_llama_dir), s2=s2, calibration_batches=2)
     _trainer(tmp_path, max_steps=1).fit(module, datamodule=_dm(tiny_llama_dir))
-    assert module.plan.settings["strategy"] == "weight_activation"
+    # The selection is the one the first two training batches score: redo it by hand on a fresh base.
+    from transformers import AutoModelForCausalLM
+
+    from surgery.planner import make_plan
+
+    dm = _dm(tiny_llama_dir)
+    dm.setup("fit")
+    keys = ("input_ids", "attention_mask", "labels")
+    batches = [{k: b[k] for k in keys} for b, _ in zip(dm.train_dataloader(), range(2))]
+    expected = make_plan(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), config=s2, calibration=batches)
+    assert module.plan.selected == expected.selected
+    random_plan = make_plan(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), o_ratio=0.25, d_ratio=0.1, seed=3)
+    assert module.plan.selected != random_plan.selected  # the data decided, not the seed
     # Without a trainer there is no data to score on: configure_model loads the base and waits.
     waiting = S2FTModule(str(tiny_llama_dir), s2=s2)
     waiting.configure_model()

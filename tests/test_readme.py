@@ -36,3 +36,35 @@ def test_callback_example_runs_as_printed(tmp_path, monkeypatch):
         want = trained.model.eval()(input_ids=ids).logits
         got = restored.model.eval()(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _commands_after(marker: str) -> list[str]:
+    text = README.read_text()
+    start = text.index(marker)
+    block = re.search(r"```bash\n(.*?)```", text[start:], flags=re.S).group(1)
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.slow
+def test_use_commands_run_as_printed(tmp_path):
+    """The README's "Use" block, in a fresh folder, in order (the first command makes the run the others use)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = README.parent
+    for name in ("configs", "tools", "benchmarks"):
+        (tmp_path / name).symlink_to(repo / name)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    commands = _commands_after("## Use")
+    assert len(commands) == 5 and commands[0].startswith("s2ft fit")
+    for cmd in commands:
+        proc = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        if "inspect_structure" in cmd:
+            assert "verification: PASSED" in proc.stdout
+        if "adapter inspect" in cmd:
+            assert "adapter 'default'" in proc.stdout
+        if "validate" in cmd:
+            assert "val/loss" in proc.stdout
+    assert (tmp_path / "runs" / "quickstart" / "logs" / "latest" / "adapter" / "default").is_dir()

@@ -292,3 +292,14 @@ def test_package_root_exports_what_a_user_needs():
         "load_adapter", "merge_adapter", "AdapterBank", "export_merged", "merged_copy", "trainable_state_dict",
     ):  # fmt: skip
         assert name in s2ft_lightning.__all__ and getattr(s2ft_lightning, name) is not None
+
+
+def test_saving_an_adapter_does_not_import_lightning():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, s2ft_lightning.adapters, s2ft_lightning.layers, s2ft_lightning.pipeline; "
+        "assert 'lightning' not in sys.modules and 'lightning.pytorch' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

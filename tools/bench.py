@@ -46,7 +46,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, help="override batch size")
     p.add_argument("--seq", type=int, nargs="+", help="override sequence length(s)")
     p.add_argument("--repeat", type=int, default=1, help="rounds per mode, interleaved; keeps the fastest")
-    p.add_argument("--slices", choices=("auto", "planner", "hand"), help="S²FT block selection source")
+    p.add_argument(
+        "--slices",
+        choices=("planner", "hand"),
+        help="S²FT blocks: real selection + surgery, or the first heads/channels",
+    )
     p.add_argument("--master-dtype", choices=("auto", "float32", "bfloat16"), help="S²FT block dtype")
     p.add_argument("--timeout", type=float, help="per-run timeout (s) of isolated eager runs")
     p.add_argument("--compile-timeout", type=float, help="per-run timeout (s) of isolated compiled runs")

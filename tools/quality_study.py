@@ -15,11 +15,9 @@ is a fresh subprocess). Writes <out>/results.json, results.md and results.png; p
 (reused on a rerun with the same spec, so an interrupted study resumes).
 
 Sizing (configs/quality/study.yaml): 100 steps x batch 16 (the 1600 training questions once), 50 validation and
-100 test questions, 2-point lr grids, 3 seeds: 3 arms x (2 grid lrs + 2 more seeds) = 12 runs + the base. On an
-idle 2-core CPU (fp32, 2 threads) an S²FT run trains in ~100 s (1.0 s/step) and evaluates in ~25 s; LoRA and full
-take ~1.2x and ~1.8x the step time: the whole study takes about 40 min. Time scales linearly with --steps (250
-steps, the 4000-question budget, is ~100 min). Evaluation is very sensitive to other load on the machine
-(measured: 30 s idle vs 207-410 s beside other benchmarks) -- run the study on an otherwise idle machine.
+100 test questions, 2-point lr grids, 3 seeds: 3 arms x (2 grid lrs + 2 more seeds) = 12 runs + the base. Time
+scales linearly with --steps; measured durations are in the README. Evaluation is very sensitive to other load
+on the machine: run the study on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -490,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--bigbench", help="bigbench-1.0.0.tar.gz sdist or general_knowledge task.json")
     r.add_argument("--fetch-bigbench", action="store_true", help="pip download the 358 MB bigbench sdist")
     r.add_argument("--config-dir", default=str(REPO / "configs" / "quality"))
-    r.add_argument("--smoke", action="store_true", help="tiny sizes (study.yaml `smoke`), ~1 min pipeline check")
+    r.add_argument("--smoke", action="store_true", help="tiny sizes (study.yaml `smoke`): a pipeline check")
     r.add_argument("--in-process", action="store_true", help="no subprocess per run (peak RSS not isolated)")
     r.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
     rep = sub.add_parser("report", help="markdown table + PNG from <out>/results.json")

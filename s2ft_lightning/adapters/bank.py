@@ -13,7 +13,7 @@ a switch is only tensor copies (restore the old positions, write the new ones), 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,7 +165,7 @@ class AdapterBank:
         self._blocks[name] = blocks
         try:
             self._entries[name] = self._prepare(adapter)
-            self._merged[name] = {1.0: self._merged_values(name, 1.0)}
+            self._merged[name] = {1.0: self._composed_at(name, [(name, 1.0)])}
         except BaseException:
             self.remove(name)
             raise
@@ -199,13 +199,14 @@ class AdapterBank:
             entries.append(_Entry(module, mod, conv, w.dtype, w.device, axes[0], axes[1]))
         return entries
 
-    def _merged_values(self, name: str, scale: float) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """``cast(base_fp32 + scale·delta)`` at each entry's rows and columns, exactly as `_refresh` makes it."""
-        alone = [(name, scale)]
+    def _composed_at(
+        self, name: str, active: Sequence[tuple[str, float]]
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """``cast(base_fp32 + Σ scale·delta)`` of ``active`` at each of ``name``'s entries (rows, columns)."""
         out = []
         for e in self._entries[name]:
-            r = self._compose(e.module, "out", e.rows.indices, alone).to(e.dtype) if e.rows else None
-            c = self._compose(e.module, "in", e.cols.indices, alone).to(e.dtype).contiguous() if e.cols else None
+            r = self._compose(e.module, "out", e.rows.indices, active).to(e.dtype) if e.rows else None
+            c = self._compose(e.module, "in", e.cols.indices, active).to(e.dtype).contiguous() if e.cols else None
             out.append((r, c))
         return out
 
@@ -247,81 +248,80 @@ class AdapterBank:
     def merge(self, name: str, scale: float = 1.0) -> None:
         """Add adapter ``name`` (times ``scale``) on top of whatever is merged."""
         scale = _check_scale(scale)
-        a = self._get(name)
+        self._get(name)
         if any(n == name for n, _ in self.active):
             raise AdapterError(f"adapter {name!r} is already merged; unmerge it first")
-        if not self.active and self._write_alone(name, float(scale)):
-            self.active = [(name, float(scale))]
-            return
-        self.active.append((name, float(scale)))
-        self._refresh(self._positions([a]))
+        self._transition([*self.active, (name, scale)])
 
     def unmerge(self, name: str | None = None) -> None:
         """Remove adapter ``name`` (or every merged adapter): touched positions go back bit-exactly."""
         if name is not None and not any(n == name for n, _ in self.active):
             raise AdapterError(f"adapter {name!r} is not merged (merged: {[n for n, _ in self.active]})")
-        if (name is None or self.merged == [name]) and self._write_alone(None):
-            self.active = []
-            return
-        if name is None:
-            gone = [self.adapters[n] for n, _ in self.active]
-            self.active = []
-        else:
-            gone = [self.adapters[name]]
-            self.active = [(n, s) for n, s in self.active if n != name]
-        self._refresh(self._positions(gone))
+        self._transition([] if name is None else [(n, s) for n, s in self.active if n != name])
 
     def switch(self, name: str, scale: float = 1.0) -> None:
         """Replace everything merged by adapter ``name``, touching only the union of their rows/columns."""
         scale = _check_scale(scale)
-        new = self._get(name)
-        if self._write_alone(name, float(scale)):
-            self.active = [(name, float(scale))]
-            return
-        old = [self.adapters[n] for n, _ in self.active]
-        self.active = [(name, float(scale))]
-        self._refresh(self._positions(old + [new]))
+        self._get(name)
+        self._transition([(name, scale)])
 
     @property
     def merged(self) -> list[str]:
         return [n for n, _ in self.active]
 
     # ------------------------------------------------------------------------------------- internals
-    def _write_alone(self, name: str | None, scale: float = 1.0) -> bool:
-        """Make ``name`` (or nothing) the only merged adapter by plain copies; False if the weights moved.
-
-        Restores the base at every position of the merged adapters, then writes ``name``'s precomputed merged
-        values at its own positions (rows and columns of one adapter agree where they cross).
-        """
-        old = [n for n, _ in self.active if n != name]
-        jobs = [(e, e.weight()) for n in old for e in self._entries[n]]
-        new: list[tuple[_Entry, torch.Tensor | None]] = []
-        if name is not None:
-            new = [(e, e.weight()) for e in self._entries[name]]
-        if any(w is None for _, w in jobs) or any(w is None for _, w in new):
-            return False  # the model was cast or moved after `add`: take the general path
-        vals = None
-        if name is not None:
-            cache = self._merged[name]
-            vals = cache.get(scale)
-            if vals is None:
-                vals = self._merged_values(name, scale)
-                for s in [s for s in cache if s != 1.0]:  # keep scale 1 and the latest other scale
-                    del cache[s]
-                cache[scale] = vals
+    def _transition(self, new: list[tuple[str, float]]) -> None:
+        """The one write path: base back at the positions of the adapters merged now, then the composed values
+        of ``new`` at each of its adapters' positions. Values are ``cast(base_fp32 + Σ scale·delta)`` from the
+        saved base values (`_compose`); one adapter's are precomputed at `add`, so a switch is only copies."""
+        for n, _ in [*self.active, *new]:
+            self._check_weights(n)
+        old = [n for n, _ in self.active]
+        values = {n: self._values(n, new) for n, _ in new}
         with torch.no_grad():
-            for e, w in jobs:
-                if e.cols is not None:
-                    e.cols.write(w, e.cols.base)
-                if e.rows is not None:
-                    e.rows.write(w, e.rows.base)
-            if vals is not None:
-                for (e, w), (rv, cv) in zip(new, vals):
+            for n in old:
+                for e in self._entries[n]:
+                    w = e.weight()
+                    if e.cols is not None:
+                        e.cols.write(w, e.cols.base)
+                    if e.rows is not None:
+                        e.rows.write(w, e.rows.base)
+            for n, _ in new:
+                for e, (rv, cv) in zip(self._entries[n], values[n]):
+                    w = e.weight()
                     if cv is not None:
                         e.cols.write(w, cv)
                     if rv is not None:
                         e.rows.write(w, rv)
-        return True
+        self.active = list(new)
+
+    def _values(
+        self, name: str, active: list[tuple[str, float]]
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Composed values of ``active`` at adapter ``name``'s positions (cached when ``name`` is alone)."""
+        if len(active) > 1:
+            return self._composed_at(name, active)
+        scale = active[0][1]
+        cache = self._merged[name]
+        if scale not in cache:
+            for s in [s for s in cache if s != 1.0]:  # keep scale 1 and the latest other scale
+                del cache[s]
+            cache[scale] = self._composed_at(name, active)
+        return cache[scale]
+
+    def _check_weights(self, name: str) -> None:
+        """Re-prepare ``name``'s positions if the model was cast or moved since `add` (saved values follow)."""
+        if all(e.weight() is not None for e in self._entries[name]):
+            return
+        for e in self._entries[name]:
+            saved, dev = self._saved[e.module], e.mod.weight.device
+            saved.row_vals, saved.col_vals = saved.row_vals.to(dev), saved.col_vals.to(dev)
+        for blocks in self._blocks.values():
+            for (module, _), b in blocks.items():
+                dev = get_module(self.model, module).weight.device
+                b.idx, b.delta = b.idx.to(dev), b.delta.to(dev)
+        self._entries[name] = self._prepare(self.adapters[name])
+        self._merged[name] = {}
 
     @staticmethod
     def _positions(adapters: Sequence[Adapter]) -> dict[str, tuple[set[int], set[int]]]:
@@ -413,19 +413,6 @@ class AdapterBank:
                     else:
                         out[b.idx, :] += contrib
         return out
-
-    def _refresh(self, positions: Mapping[str, tuple[set[int], set[int]]]) -> None:
-        with torch.no_grad():
-            for module, (rows, cols) in positions.items():
-                w = logical_weight(get_module(self.model, module))
-                if cols:
-                    cols = sorted(cols)
-                    vals = self._compose(module, "in", cols, self.active).to(w.dtype)
-                    w.index_copy_(1, torch.tensor(cols, device=w.device), vals)
-                if rows:
-                    rows = sorted(rows)
-                    vals = self._compose(module, "out", rows, self.active).to(w.dtype)
-                    w.index_copy_(0, torch.tensor(rows, device=w.device), vals)
 
 
 def merge_adapter(model: torch.nn.Module, adapter: Adapter, scale: float = 1.0, verify: bool = True) -> AdapterBank:

@@ -160,6 +160,14 @@ class MultiAdapterModel(nn.Module):
             use_triton = self._triton.get(x.device)
             if use_triton is None:
                 use_triton = self._triton[x.device] = self._backend(x.device) == "triton"
+            if use_triton and torch.is_grad_enabled() and (x.requires_grad or output.requires_grad):
+                # The Triton term writes raw memory and has no backward: gradients need the torch term.
+                if self.backend == "triton":
+                    raise RuntimeError(
+                        f"{module}: the Triton serving kernel has no backward, but this forward needs gradients; "
+                        "run it under torch.no_grad() / inference_mode, or serve with backend='torch' (or 'auto')"
+                    )
+                use_triton = False
             y = output
             for p in used:
                 if use_triton:

@@ -97,6 +97,16 @@ class TokenizedDataModule(L.LightningDataModule):
     ``max_length`` caps every row; it may not exceed the model's context (``context_length``, read from the
     tokenizer folder's config.json when the tokenizer is given as a path). Longer rows raise
     :class:`SequenceTooLongError` unless ``truncation=True``.
+
+    Args:
+        tokenizer: A tokenizer, or the model path it is loaded from (the s2ft CLI links it to --model.model).
+        batch_size: Rows per batch (per device).
+        max_length: Longest row in tokens (default: the model's context length).
+        num_workers: DataLoader worker processes.
+        seed: Seed of the data order (each epoch reshuffles with seed + epoch) and of any split.
+        truncation: Cut rows longer than max_length instead of refusing them.
+        pad_to_multiple_of: Pad batch lengths up to a multiple of this (tensor-core friendly on GPUs).
+        context_length: The model's context length, when it cannot be read from the tokenizer's folder.
     """
 
     def __init__(

@@ -132,6 +132,15 @@ class InstructionDataModule(TokenizedDataModule):
     ``val_file`` gives a validation split; without it ``val_fraction`` of the training rows (seeded) are held
     out. Every row must fit ``max_length``/the context or a :class:`SequenceTooLongError` names it, unless
     ``truncation=True`` (rows left with no response token are then dropped).
+
+    Args:
+        train_file: Training rows: a .jsonl file (one object per line) or a .json list, each with non-empty
+            "instruction" and "output" and optionally "input".
+        val_file: Validation rows in the same format.
+        test_file: Test rows in the same format.
+        val_fraction: Without val_file, hold out this fraction of the training rows (seeded) for validation.
+        use_chat_template: Render rows with the tokenizer's chat template when it has one (else Alpaca prompts).
+        system_prompt: A system turn for chat templates.
     """
 
     def __init__(

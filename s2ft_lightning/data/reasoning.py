@@ -147,6 +147,17 @@ class ReasoningGymDataModule(TokenizedDataModule):
     The train split is items ``0..train_size-1`` of ``seed``; val and test come from ``heldout_seed``
     (default ``seed + 1_000_003``), skipping any question already in train or an earlier held-out item,
     so no question is in two splits. Prompts use ``prompt_template`` and the target ``answer_template``.
+
+    Args:
+        task: A reasoning-gym task name, e.g. basic_arithmetic, chain_sum, gsm_symbolic.
+        task_kwargs: Options of the task's generator (e.g. min_digits, max_digits, operators).
+        train_size: Training questions (generated with seed).
+        val_size: Held-out validation questions.
+        test_size: Held-out test questions.
+        heldout_seed: Seed of the held-out splits (default: seed + 1000003).
+        prompt_template: Prompt format; {question} and {metadata[...]} fields are filled in.
+        answer_template: Target format after the prompt; {answer} is filled in. The loss covers it only.
+        append_eos: End every target with the tokenizer's eos token (so generation learns to stop).
     """
 
     def __init__(

@@ -71,6 +71,12 @@ class PlainTextDataModule(TokenizedDataModule):
 
     ``max_length`` is the block size (default: 1024 capped at the model's context). Files too small to fill a
     single block raise a :class:`DataError` that names them.
+
+    Args:
+        train_files: One or more .txt files (one document each) or .jsonl files (one document per row).
+        val_files: Validation files in the same formats.
+        test_files: Test files in the same formats.
+        text_field: The field holding the text in .jsonl rows.
     """
 
     def __init__(

@@ -157,6 +157,8 @@ def tn_matmul_triton(
     bm, bp, bn = block or auto_block
     tiles = triton.cdiv(m, bm) * triton.cdiv(p, bp)
     split = split or _pick_split(n, tiles, a.device, bn)
+    if torch.are_deterministic_algorithms_enabled():
+        split = 1  # split-K adds partial sums with fp32 atomics in arbitrary order; one program per tile does not
     n_per_split = triton.cdiv(triton.cdiv(n, split), bn) * bn
     split = max(1, triton.cdiv(n, n_per_split)) if n else 1
     if out is None:
