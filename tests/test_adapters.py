@@ -272,6 +272,21 @@ def test_adapter_cli_inspect_merge_export_fuse(llama_adapter, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_inspect_into_a_closed_pipe_ends_quietly(llama_adapter, tmp_path):
+    import subprocess
+    import sys
+
+    adapter, _, _ = llama_adapter
+    save_adapters({f"a{i}": adapter for i in range(300)}, tmp_path / "many")
+    code = "import sys; from s2ft_lightning.adapters.cli import main; sys.exit(main(sys.argv[1:]))"
+    full = subprocess.run([sys.executable, "-c", code, "inspect", str(tmp_path / "many"), "--json"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert len(full.stdout) > 3 * 65536  # several pipe buffers: the reader closes while we still write
+    cmd = f"{sys.executable} -c '{code}' inspect {tmp_path / 'many'} --json | head -c 20"
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and proc.stdout.startswith("{")
+
+
 def test_hand_made_plan_with_two_slices_on_one_module():
     """Two column slices of one module (as GQA can produce) become one block; a hand-permuted FFN."""
     from s2ft_lightning.layers import install

@@ -57,7 +57,7 @@ def test_use_commands_run_as_printed(tmp_path):
         (tmp_path / name).symlink_to(repo / name)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     commands = _commands_after("## Use")
-    assert len(commands) == 5 and commands[0].startswith("s2ft fit")
+    assert len(commands) == 6 and commands[0].startswith("s2ft fit")
     for cmd in commands:
         proc = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
@@ -68,3 +68,15 @@ def test_use_commands_run_as_printed(tmp_path):
         if "validate" in cmd:
             assert "val/loss" in proc.stdout
     assert (tmp_path / "runs" / "quickstart" / "logs" / "latest" / "adapter" / "default").is_dir()
+    merged = tmp_path / "runs" / "quickstart" / "merged"  # the adapter's recorded base was demo:smollm2
+    assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
+    assert merged.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
