@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from benchmarks.lora_match import LORA_TARGETS
+from s2ft_lightning.models import resolve_dtype
 
 MODES = ("frozen", "s2ft", "full", "lora", "lora_all")
 REPO = Path(__file__).resolve().parent.parent
@@ -127,7 +128,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def get_config(name: str, **overrides: Any) -> dict[str, Any]:
@@ -158,7 +158,7 @@ def build_model(cfg: dict[str, Any], device: str | torch.device) -> nn.Module:
     lcfg = LlamaConfig(**cfg["model"], max_position_embeddings=max(4096, max(cfg["seqs"])), use_cache=False)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(lcfg, dtype=_DTYPES[cfg["dtype"]])
+        model = LlamaForCausalLM._from_config(lcfg, dtype=resolve_dtype(cfg["dtype"]))
     return model.to(device).train()  # no-op when the device context already placed it
 
 
@@ -229,7 +229,7 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
         plan, how = s2ft_slices(model, cfg, apply=True)
         info.update(slices=how)
         md = cfg.get("master_dtype", "auto")
-        install(model, plan, master_dtype=_DTYPES.get(md, md))
+        install(model, plan, master_dtype=md if md == "auto" else resolve_dtype(md))
         from s2ft_lightning.ops import backend_for
 
         info["s2ft_backend"] = backend_for(device)
