@@ -24,6 +24,7 @@ from torch import nn
 
 from s2ft_lightning import layers
 from s2ft_lightning.pipeline import S2Config, applied_plan, base_fingerprint, base_values_digest, prepare_model
+from s2ft_lightning.sharding import data_parallel_mesh, is_sharded, shard
 from surgery.plan import PlanError, S2Plan
 from surgery.planner import plan_id, unapply_plan
 
@@ -83,8 +84,13 @@ class S2Attachment:
         calibration = None
         if plan is None and applied_plan(target) is None and self.config.strategy != "random":
             calibration = self._calibration(pl_module, trainer)
+        known = self.plan is not None and applied_plan(target) is not None and layers.installed(target)
         self.plan = prepare_model(target, self.config, plan=plan, calibration=calibration)
-        self.base_digest = base_values_digest(target, self.plan)
+        if not known or self.base_digest is None:  # read before sharding: the whole base is still here
+            self.base_digest = base_values_digest(target, self.plan)
+        mesh = getattr(pl_module, "device_mesh", None)  # set by Lightning's ModelParallelStrategy
+        if mesh is not None and not is_sharded(target):
+            shard(target, data_parallel_mesh(mesh))
         self._hook(pl_module)
         return self.plan
 
@@ -134,13 +140,14 @@ class S2Attachment:
 
         ``target`` is stock or prepared with ``plan`` (the digest reads the plan's positions accordingly).
         """
-        fp = base_fingerprint(target)
+        fp = base_fingerprint(target)  # names and global shapes: the same sharded or not
         if fp != meta.get("base_fingerprint"):
             raise CheckpointError(
                 f"this checkpoint was trained on a base with fingerprint {meta.get('base_fingerprint')} but the "
                 f"model has {fp} (another architecture or config); load the base it was trained from"
             )
-        digest = base_values_digest(target, plan)
+        known = self.plan is not None and plan_id(self.plan) == plan_id(plan) and self.base_digest is not None
+        digest = self.base_digest if known else base_values_digest(target, plan)
         if digest != meta.get("base_values"):
             raise CheckpointError(
                 "the base weights under the checkpoint's S2 blocks differ from the ones it was trained on "
@@ -162,6 +169,11 @@ class S2Attachment:
             redo = not layers.installed(target)
             self.prepare(pl_module, plan=plan)
             return redo
+        if current is not None and is_sharded(target):
+            raise CheckpointError(
+                "this checkpoint was trained with another S2 plan than the one this sharded model was prepared with; "
+                "a sharded model cannot be re-permuted: resume with plan_path=<the run's s2_plan.json>"
+            )
         if current is not None:  # prepared with another plan: back to the stock base first
             if layers.installed(target):
                 layers.uninstall(target, merge=False)

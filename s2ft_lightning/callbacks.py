@@ -137,24 +137,26 @@ class AdapterCheckpoint(Callback):
         if self.dirpath is None:
             self.dirpath = run_dir(trainer) / "adapter"  # every rank: log_dir is a collective
 
-    def _write(self, pl_module: L.LightningModule, tag: str) -> Path:
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> Path:
         from s2ft_lightning.adapters import extract_adapter, save_adapter
 
         model, plan = _find_plan_model(pl_module)
+        # Every rank extracts (a sharded model gathers each delta and the base values under it); rank 0 writes.
         adapter = extract_adapter(model, plan, base_model=getattr(pl_module, "model_name", None), name=self.name)
         out = self.dirpath / tag
-        save_adapter(adapter, out)
-        log.info("wrote S2FT adapter to %s", out)
+        if trainer.is_global_zero:
+            save_adapter(adapter, out)
+            log.info("wrote S2FT adapter to %s", out)
         return out
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and trainer.is_global_zero:
-            self._write(pl_module, f"step-{step}")
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self._write(trainer, pl_module, f"step-{step}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_path = self._write(trainer, pl_module, self.name)
         if trainer.is_global_zero:
-            self.last_path = self._write(pl_module, self.name)
             self.written = {"adapter": self.last_path}
 
 
@@ -176,12 +178,23 @@ class MergeAdapters(Callback):
             self.dirpath = run_dir(trainer) / "merged"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        from s2ft_lightning.export import export_merged
+        from s2ft_lightning.export import export_merged, export_merged_from_adapter
         from s2ft_lightning.models import resolve_dtype
+        from s2ft_lightning.sharding import is_sharded
 
         model, plan = _find_plan_model(pl_module)
-        tokenizer = getattr(pl_module, "tokenizer", None)
         dtype = resolve_dtype(self.dtype) if self.dtype else None
-        self.written = {"merged model": export_merged(model, plan, self.dirpath, tokenizer=tokenizer, dtype=dtype)}
+        if is_sharded(model):
+            # Never gather the sharded model: every rank extracts the adapter (small gathers), rank 0 merges it
+            # into the base read from disk.
+            from s2ft_lightning.adapters import extract_adapter
+
+            base = getattr(pl_module, "model_name", None)
+            adapter = extract_adapter(model, plan, base_model=base)
+            if trainer.is_global_zero:
+                path = export_merged_from_adapter(adapter, base, self.dirpath, dtype=dtype)
+                self.written = {"merged model": path}
+            return
+        if trainer.is_global_zero:
+            tokenizer = getattr(pl_module, "tokenizer", None)
+            self.written = {"merged model": export_merged(model, plan, self.dirpath, tokenizer=tokenizer, dtype=dtype)}

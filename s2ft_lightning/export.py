@@ -54,3 +54,23 @@ def export_merged(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def export_merged_from_adapter(
+    adapter: Any, base: str | os.PathLike | None, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None
+) -> Path:
+    """Load the stock base from ``base`` (a folder, .gguf or demo:smollm2), merge ``adapter`` and save it.
+
+    The path for models that are sharded or quantized in memory: only the base on disk and the adapter are read.
+    """
+    from s2ft_lightning.adapters import merge_adapter
+    from s2ft_lightning.models import load_model
+
+    if not base:
+        raise PlanError("the module records no base model path to merge into; set model_name or export the adapter")
+    model, tokenizer = load_model(base, dtype=dtype or "auto")
+    merge_adapter(model, adapter)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

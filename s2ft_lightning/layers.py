@@ -98,9 +98,14 @@ class S2Linear(nn.Module):
         return [getattr(self, f"delta_{i}") for i in range(len(self.specs))]
 
     def base_block(self, i: int) -> torch.Tensor:
-        """The frozen base values under block ``i`` (logical orientation, a copy)."""
+        """The frozen base values under block ``i`` (logical orientation, a copy).
+
+        On a sharded (DTensor) weight this is a collective that gathers only these rows/columns.
+        """
+        from s2ft_lightning.sharding import full
+
         feature, runs = self.specs[i]
-        return gather_runs(logical(self.weight, self.transposed), runs, 0 if feature == "out" else 1).clone()
+        return full(gather_runs(logical(self.weight, self.transposed), runs, 0 if feature == "out" else 1)).clone()
 
     def merged_weight(self) -> torch.Tensor:
         """The weight with the deltas folded in (``cast(base_fp32 + Δ)``), in the base's layout and dtype."""

@@ -60,6 +60,14 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def _check_materialized(model: nn.Module) -> None:
+    from s2ft_lightning.sharding import is_sharded
+
+    if is_sharded(model):
+        raise ValueError(
+            "the model is already sharded (DTensor parameters); S²FT permutes and verifies whole weights, so it "
+            "prepares first and shards after: remove your fully_shard calls, S²FT shards the model itself under "
+            "ModelParallelStrategy"
+        )
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise ValueError(

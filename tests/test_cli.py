@@ -51,6 +51,11 @@ def test_every_recipe_parses_and_instantiates(config, tiny_llama_dir, alpaca_fil
     if "scheduler" in raw["model"]:
         sched = cli.model.scheduler_factory(opt)
         assert sched.warmup_steps == raw["model"]["scheduler"]["init_args"]["warmup_steps"]
+    if "fsdp" in config.stem:  # FSDP2: Lightning's ModelParallelStrategy over 8 data-parallel ranks
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        assert isinstance(cli.trainer.strategy, ModelParallelStrategy)
+        assert cli.trainer.strategy._data_parallel_size == 8 and cli.trainer.strategy._tensor_parallel_size == 1
 
 
 def test_fit_through_the_cli(tiny_llama_dir, alpaca_file, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from s2ft_lightning.adapters.format import (
     module_kind,
     read_block,
 )
+from s2ft_lightning.sharding import full
 from surgery.linear import logical_weight
 from surgery.plan import S2Plan, model_fingerprint
 
@@ -79,6 +80,9 @@ def extract_adapter(
 ) -> Adapter:
     """Read the trained S2 deltas of an installed (permuted) model into an adapter in original index space.
 
+    On a sharded model call it on every rank: each delta and the base values under it are gathered, one
+    module at a time, never the whole model.
+
     The delta is the layer's trained update as is (the fp32 master when there is one); the base checks hash
     the frozen base values under it. Several slices of one module and feature (e.g. GQA runs split over
     slices) become one block.
@@ -103,7 +107,7 @@ def extract_adapter(
         i = match[0]
         shapes[s.module] = (wrapper.out_features, wrapper.in_features)
         kinds[s.module] = "conv1d" if wrapper.transposed else "linear"
-        delta, base = wrapper.deltas[i], wrapper.base_block(i)
+        delta, base = full(wrapper.deltas[i]), wrapper.base_block(i)  # collectives when sharded
         parts.setdefault((s.module, s.feature), []).append(block_delta(s.module, s.feature, s.original, delta, base))
     blocks = []
     for (module, feature), bs in parts.items():
