@@ -129,7 +129,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-
 def get_config(name: str, **overrides: Any) -> dict[str, Any]:
     """A deep copy of a named config with non-None ``overrides`` applied (unknown names raise)."""
     if name not in CONFIGS:
@@ -139,7 +138,7 @@ def get_config(name: str, **overrides: Any) -> dict[str, Any]:
     for k, v in overrides.items():
         if v is None:
             continue
-        if k not in cfg and k not in ("compile_scope", "master_dtype"):
+        if k not in cfg and k not in ("compile_scope", "master_dtype", "quantize"):
             raise ValueError(f"unknown config override {k!r}; known keys: {sorted(cfg)}")
         cfg[k] = v
     bad = [m for m in cfg["modes"] if m not in MODES]
@@ -218,9 +217,13 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
         raise ValueError(f"unknown mode {mode!r}; choose from {list(MODES)}")
     model = build_model(cfg, device)
     info: dict[str, Any] = {"total_params": sum(p.numel() for p in model.parameters())}
+    quantize = cfg.get("quantize") or "none"
+    if quantize != "none" and mode == "full":
+        raise ValueError("full fine-tuning trains every weight: there is no frozen base to quantize")
     if mode == "frozen":
         model.requires_grad_(False)
         model.enable_input_require_grads()  # embeddings output requires grad: the full input backward runs
+        _quantize(model, quantize)
     elif mode == "full":
         model.requires_grad_(True)
     elif mode == "s2ft":
@@ -230,6 +233,7 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
         info.update(slices=how)
         md = cfg.get("master_dtype", "auto")
         install(model, plan, master_dtype=md if md == "auto" else resolve_dtype(md))
+        _quantize(model, quantize)  # after surgery, as S2FTModule does
         from s2ft_lightning.ops import backend_for
 
         info["s2ft_backend"] = backend_for(device)
@@ -244,12 +248,24 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
         targets: Any = list(LORA_TARGETS) if mode == "lora" else "all-linear"
         rank, per_rank = matched_lora_rank(model, count, targets)
         lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
+        _quantize(model.requires_grad_(False), quantize)  # QLoRA-style: the same quantized base under the adapters
         model = get_peft_model(model, lcfg)
         info.update(lora_rank=rank, lora_targets=targets, s2ft_count_matched=count, lora_params_per_rank=per_rank)
     params = [p for p in model.parameters() if p.requires_grad]
     info["trainable_params"] = sum(p.numel() for p in params)
     info["trainable_bytes"] = sum(p.numel() * p.element_size() for p in params)
+    if quantize != "none":
+        from s2ft_lightning.quantize import weight_bytes
+
+        info.update(quantize=quantize, weight_bytes=weight_bytes(model))
     return Built(model, params, info)
+
+
+def _quantize(model: nn.Module, mode: str) -> None:
+    if mode != "none":
+        from s2ft_lightning.quantize import quantize_base
+
+        quantize_base(model, mode)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

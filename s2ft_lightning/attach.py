@@ -24,6 +24,8 @@ from torch import nn
 
 from s2ft_lightning import layers
 from s2ft_lightning.pipeline import S2Config, applied_plan, base_fingerprint, base_values_digest, prepare_model
+from s2ft_lightning.quantize import MODES as QUANT_MODES
+from s2ft_lightning.quantize import quantize_base
 from s2ft_lightning.sharding import data_parallel_mesh, is_sharded, shard
 from surgery.plan import PlanError, S2Plan
 from surgery.planner import plan_id, unapply_plan
@@ -55,9 +57,17 @@ class S2Attachment:
     """Prepares the ``submodule`` of a LightningModule with S²FT and owns its checkpoint format."""
 
     def __init__(
-        self, config: S2Config, submodule: str = "model", plan_path: str | None = None, calibration_batches: int = 4
+        self,
+        config: S2Config,
+        submodule: str = "model",
+        plan_path: str | None = None,
+        calibration_batches: int = 4,
+        quantize: str = "none",
     ) -> None:
+        if quantize not in QUANT_MODES:
+            raise ValueError(f"quantize={quantize!r} is not one of {list(QUANT_MODES)}")
         self.config = config
+        self.quantize = quantize
         self.submodule = submodule
         self.plan_path = plan_path
         self.calibration_batches = calibration_batches
@@ -89,6 +99,10 @@ class S2Attachment:
         if not known or self.base_digest is None:  # read before sharding: the whole base is still here
             self.base_digest = base_values_digest(target, self.plan)
         mesh = getattr(pl_module, "device_mesh", None)  # set by Lightning's ModelParallelStrategy
+        if self.quantize != "none":
+            if mesh is not None:
+                raise ValueError("a quantized base under FSDP is not supported yet; use quantize none or DDP")
+            quantize_base(target, self.quantize)  # after the base values were read: checks keep the original
         if mesh is not None and not is_sharded(target):
             shard(target, data_parallel_mesh(mesh))
         self._hook(pl_module)
@@ -132,6 +146,7 @@ class S2Attachment:
             "config": self.config.to_dict(),
             "base_fingerprint": base_fingerprint(target),
             "base_values": self.base_digest,
+            "quantize": self.quantize,
             "trainable": {n: list(p.shape) for n, p in target.named_parameters() if p.requires_grad},
         }
 

@@ -37,9 +37,14 @@ class S2FT(Callback):
         s2: S2Config | None = None,
         plan_path: str | None = None,
         calibration_batches: int = 4,
+        quantize: str = "none",
     ):
         self.attachment = S2Attachment(
-            s2 or S2Config(), submodule=submodule, plan_path=plan_path, calibration_batches=calibration_batches
+            s2 or S2Config(),
+            submodule=submodule,
+            plan_path=plan_path,
+            calibration_batches=calibration_batches,
+            quantize=quantize,
         )
 
     @property

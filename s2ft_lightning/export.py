@@ -13,6 +13,7 @@ from torch import nn
 from s2ft_lightning import layers
 from s2ft_lightning.atomic import atomic_directory
 from s2ft_lightning.pipeline import applied_plan
+from s2ft_lightning.quantize import QUANTIZED_ATTR, dense, is_quantized
 from surgery.plan import PlanError, S2Plan
 from surgery.planner import plan_id, unapply_plan
 
@@ -28,7 +29,10 @@ def merged_copy(model: nn.Module, plan: S2Plan | None = None, dtype: torch.dtype
         raise PlanError("this model carries no applied S2 plan: it is not an S²FT-prepared model")
     if plan is not None and plan_id(plan) != plan_id(applied):
         raise PlanError("the plan given is not the one applied to this model; pass the model's own plan or None")
-    out = copy.deepcopy(model)
+    # A quantized base is copied dense (its dequantized values), so merging adds in fp32 exactly as on any base.
+    memo = {id(p): nn.Parameter(dense(p).clone(), requires_grad=False) for p in model.parameters() if is_quantized(p)}
+    out = copy.deepcopy(model, memo)
+    out.__dict__.pop(QUANTIZED_ATTR, None)
     if layers.installed(out):
         layers.uninstall(out, merge=True)
     for p in out.parameters():

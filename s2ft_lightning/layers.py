@@ -30,6 +30,7 @@ from surgery.plan import BlockSlice, S2Plan
 from surgery.planner import applied_plan_id, plan_id
 
 from .ops import delta_linear, gather_runs, merged_weight
+from .quantize import is_quantized
 
 __all__ = [
     "S2InstallError",
@@ -104,8 +105,15 @@ class S2Linear(nn.Module):
         """
         from s2ft_lightning.sharding import full
 
+        kept = self.__dict__.get("_base_blocks")
+        if kept is not None:  # the base was quantized after these were read: the original values
+            return kept[i].clone()
         feature, runs = self.specs[i]
         return full(gather_runs(logical(self.weight, self.transposed), runs, 0 if feature == "out" else 1)).clone()
+
+    def keep_base_blocks(self) -> None:
+        """Remember the base values under the blocks (before the base is quantized), for adapters and checks."""
+        self.__dict__["_base_blocks"] = [self.base_block(i) for i in range(len(self.specs))]
 
     def merged_weight(self) -> torch.Tensor:
         """The weight with the deltas folded in (``cast(base_fp32 + Δ)``), in the base's layout and dtype."""
@@ -113,7 +121,13 @@ class S2Linear(nn.Module):
 
     @torch.no_grad()
     def merge_into_base_(self) -> None:
-        """Write ``cast(base_fp32 + Δ)`` into the base weight at the blocks (in place, for uninstall)."""
+        """Write ``cast(base_fp32 + Δ)`` into the base weight at the blocks (in place, for uninstall).
+
+        A quantized base is replaced by its dequantized values with the blocks merged in.
+        """
+        if is_quantized(self.weight):
+            self.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
+            return
         merged = logical(self.merged_weight(), self.transposed)
         w = logical(self.weight, self.transposed)
         for feature, runs in self.specs:
@@ -138,6 +152,9 @@ class S2Linear(nn.Module):
         wkey = prefix + "weight"
         dkeys = [f"{prefix}delta_{i}" for i in range(len(self.specs))]
         loaded = state_dict.get(wkey)
+        if loaded is not None and is_quantized(self.weight):
+            error_msgs.append(f"{prefix}weight: this S2 layer's base is quantized; load weights before quantizing")
+            return
         if (
             loaded is not None
             and not any(k in state_dict for k in dkeys)

@@ -45,6 +45,8 @@ class S2FTModule(L.LightningModule):
         gradient_checkpointing: Recompute activations in the backward to save memory (non-reentrant).
         plan_path: An s2_plan.json to apply instead of selecting (e.g. the one saved next to another run's logs).
         calibration_batches: Training batches scored by the data-driven selection strategies.
+        quantize: Store the frozen base of the decoder's linear layers as int8 (weight-only) or nf4 (4-bit
+            NormalFloat, as QLoRA) after surgery; the deltas stay fp32. Needs torchao (the quant extra).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class S2FTModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         plan_path: str | None = None,
         calibration_batches: int = 4,
+        quantize: Literal["none", "int8", "nf4"] = "none",
     ) -> None:
         super().__init__()
         from s2ft_lightning.models import check_source
@@ -77,7 +80,7 @@ class S2FTModule(L.LightningModule):
         self.num_labels = num_labels
         self.gradient_checkpointing = gradient_checkpointing
         self.attachment = S2Attachment(
-            self.s2, submodule="model", plan_path=plan_path, calibration_batches=calibration_batches
+            self.s2, submodule="model", plan_path=plan_path, calibration_batches=calibration_batches, quantize=quantize
         )
         self.model: nn.Module | None = None
         self.tokenizer = None

@@ -8,6 +8,7 @@ Examples::
     python tools/bench.py train --config gpu-7b --compile       # on an H100
     python tools/bench.py train --config sweep                  # 7B at 512..4096 tokens
     python tools/bench.py profile --config cpu-small            # where each mode's step time/memory goes
+    python tools/bench.py memory                                # memory model: checks and what fits where
     python tools/bench.py plot                                  # PNGs next to benchmarks/results/*.json
     python tools/bench.py switch | serve [args passed to tools/bench_adapters.py]
 """
@@ -65,6 +66,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     iso.add_argument("--no-isolate", dest="isolate", action="store_false", help="all runs in this process")
     p.add_argument("--device", help="override the config's device (cpu|cuda)")
     p.add_argument("--threads", type=int, help="torch intra-op threads per run (cpu-small default: 1)")
+    p.add_argument("--quantize", choices=("none", "int8", "nf4"), help="store the frozen base quantized (torchao)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/train-<config>.json)")
 
 
@@ -78,6 +80,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         seqs=a.seq,
         slices=a.slices,
         master_dtype=a.master_dtype,
+        quantize=a.quantize,
         timeout_s=a.timeout,
         compile_timeout_s=a.compile_timeout,
         compile_scope=a.compile_scope,
@@ -209,6 +212,40 @@ def cmd_adapters(suite: str, rest: list[str]) -> int:
     return 0
 
 
+def cmd_memory(a: argparse.Namespace) -> int:
+    """The memory model: its parts checked against CPU measurements, then what fits where."""
+    import json
+
+    import torch
+
+    from benchmarks import memory_check as mc
+    from benchmarks import memory_model as mm
+
+    torch.set_num_threads(1)
+    shape = mm.Shape("cpu-small", **{k: v for k, v in _CPU_SMALL_SHAPE.items()})
+    checks = mc.check_activations(shape) + mc.check_weights(shape) + mc.check_training_state(shape)
+    print("| part (cpu-small shape) | measured | predicted | error |\n|---|---:|---:|---:|")
+    for r in checks:
+        print(f"| {r['part']} | {r['measured']:,.0f} | {r['predicted']:,.0f} | {100 * r['rel_err']:+.1f}% |")
+    rows = mm.fits_table(card_gib=a.card_gib, tokens=a.tokens)
+    print(f"\nwhat fits on one {a.card_gib:g} GiB card, 1 x {a.tokens} tokens (GiB per device):\n")
+    print("| model | method | base | devices | checkpointing | GiB | fits |\n|---|---|---|---:|---|---:|---|")
+    for r in rows:
+        ckpt, fits = ("yes" if r["checkpointing"] else "no"), ("yes" if r["fits"] else "no")
+        print(f"| {r['model']} | {r['method']} | {r['base']} | {r['devices']} | {ckpt} | {r['gib']:.1f} | {fits} |")
+    traffic = {name: {m: mm.fsdp_traffic(s, m, 8, a.tokens) for m in mm.METHODS} for name, s in mm.SHAPES.items()}
+    out = Path(a.out) if a.out else REPO / "benchmarks" / "results" / "memory.json"
+    doc = {"checks": checks, "fits": rows, "fsdp_traffic_8_devices": traffic, "card_gib": a.card_gib,
+           "tokens": a.tokens, "shapes": {n: mm.shape_dict(s) for n, s in mm.SHAPES.items()}}  # fmt: skip
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"[bench] wrote {out}")
+    worst = max(abs(r["rel_err"]) for r in checks)
+    return 0 if worst <= 0.10 else 1
+
+
+_CPU_SMALL_SHAPE = dict(hidden=512, layers=4, intermediate=1376, heads=8, kv_heads=4, vocab=8192)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("switch", "serve"):
@@ -227,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--device", help="override the config's device (cpu|cuda)")
     pr.add_argument("--threads", type=int, help="torch intra-op threads")
     pr.add_argument("--out", help="JSON path (default benchmarks/results/profile-<config>.json)")
+    pm = sub.add_parser("memory", help="memory model: checked against CPU measurements, what fits where")
+    pm.add_argument("--card-gib", type=float, default=80.0, help="device memory (GiB)")
+    pm.add_argument("--tokens", type=int, default=2048, help="tokens per device per step")
+    pm.add_argument("--out", help="JSON path (default benchmarks/results/memory.json)")
     pp = sub.add_parser("plot", help="PNG plots from train-*.json results")
     pp.add_argument("inputs", nargs="*", help="result JSON files (default: benchmarks/results/train-*.json)")
     pp.add_argument("--outdir", help="where to write PNGs (default: next to each JSON)")
@@ -237,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(a)
     if a.suite == "profile":
         return cmd_profile(a)
+    if a.suite == "memory":
+        return cmd_memory(a)
     return cmd_plot(a)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from s2ft_lightning.quantize import dense
 from surgery.linear import logical
 
 # One block: (feature, runs) with feature "in" | "out" and runs ((start, end), ...), in the module's
@@ -66,7 +67,7 @@ def merged_weight(
 
     One fp32 add and one cast per element: the same values `merge_adapter` writes into a stock base.
     """
-    out = weight.detach().clone()
+    out = dense(weight.detach()).clone()  # a quantized base comes back dense
     w = logical(out, transposed)
     acc = torch.promote_types(weight.dtype, torch.float32)  # fp64 bases stay exact
     with torch.no_grad():
@@ -118,7 +119,7 @@ class DeltaLinearFn(torch.autograd.Function):
         deltas, saved_cols = rest[: ctx.n_deltas], rest[ctx.n_deltas :]
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ logical(weight, ctx.transposed).to(g.dtype)
+            grad_x = g @ logical(dense(weight, g.dtype), ctx.transposed)
             for d, (feature, runs) in zip(deltas, ctx.specs):
                 dc = d.to(g.dtype)
                 if feature == "in":  # columns c of W+Δ: grad_x[:, c] += g Δ
