@@ -36,6 +36,7 @@ _EXPORTS = {
     "AdapterBank": "s2ft_lightning.adapters",
     "AdapterError": "s2ft_lightning.adapters",
     "extract_adapter": "s2ft_lightning.adapters",
+    "export_peft_lora": "s2ft_lightning.adapters",
     "fuse_adapters": "s2ft_lightning.adapters",
     "load_adapter": "s2ft_lightning.adapters",
     "merge_adapter": "s2ft_lightning.adapters",

@@ -21,6 +21,7 @@ adapter tools:
   s2ft adapter inspect DIR [--json]          what an adapter (or a folder of adapters) touches, its base, size
   s2ft adapter merge DIR --out MODEL_DIR     merge adapters into their base and save a stock model folder
   s2ft adapter export DIR --out DIR          a standalone, re-validated copy of one adapter
+  s2ft adapter export-lora DIR --out DIR     the adapter as an exact PEFT LoRA adapter (for LoRA servers)
   s2ft adapter fuse DIR [DIR ...] --out DIR  combine adapters into one
   (s2ft adapter --help for all options)
 """

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-WORKER = Path(__file__).with_name("dist_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "benchmarks" / "dist_worker.py"
 
 
 def run_worker(model_dir: Path, out: Path, strategy: str, *extra: str) -> tuple[dict[str, torch.Tensor], list[dict]]:

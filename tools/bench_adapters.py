@@ -165,6 +165,7 @@ def bench_serving(args, dtype, seq: int, repeats: int) -> dict:
     mam = MultiAdapterModel(base, ads, backend=args.backend)
     pbase = build_base(args, dtype)
     pm, r, _ = peft_model(pbase, args, args.adapters, ads[names[0]].num_params)
+    exported = peft_exported(build_base(args, dtype), ads)  # the same S²FT adapters, served by PEFT
 
     with torch.no_grad():
         # correctness spot check: row 3 equals the base with adapter a3 merged
@@ -174,11 +175,13 @@ def bench_serving(args, dtype, seq: int, repeats: int) -> dict:
         bank.merge(bank.add(ads[names[3]], names[3]))
         err = (check(ids[3:4]).logits[0] - got).abs().max().item()
         del check
+        exported_err = (exported(input_ids=ids, adapter_names=names).logits[3] - got).abs().max().item()
 
         fns = {
             "base": lambda: base(ids),
             "s2ft_mixed": lambda: mam(input_ids=ids, adapter_names=names),
             "peft_mixed": lambda: pm(input_ids=ids, adapter_names=names),
+            "peft_exported_mixed": lambda: exported(input_ids=ids, adapter_names=names),
         }
         times: dict[str, list[float]] = {k: [] for k in fns}
         for fn in fns.values():
@@ -197,11 +200,32 @@ def bench_serving(args, dtype, seq: int, repeats: int) -> dict:
         "peft_mixed_ms": med["peft_mixed"],
         "s2ft_over_base": med["s2ft_mixed"] / med["base"],
         "peft_over_base": med["peft_mixed"] / med["base"],
+        "peft_exported_mixed_ms": med["peft_exported_mixed"],
+        "peft_exported_over_base": med["peft_exported_mixed"] / med["base"],
         "s2ft_row_vs_merged_max_abs_err": err,
+        "peft_exported_vs_s2ft_max_abs_err": exported_err,
         "batch": args.adapters,
         "seq": seq,
         "repeats": repeats,
     }
+
+
+def peft_exported(base, ads: dict):
+    """A PeftModel serving the S²FT adapters exported as PEFT LoRA adapters (`export_peft_lora`)."""
+    import tempfile
+
+    import peft
+
+    from s2ft_lightning.adapters import export_peft_lora
+
+    names = list(ads)
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in names:
+            export_peft_lora(ads[n], Path(tmp) / n)
+        model = peft.PeftModel.from_pretrained(base, Path(tmp) / names[0], adapter_name=names[0])
+        for n in names[1:]:
+            model.load_adapter(Path(tmp) / n, adapter_name=n)
+    return model.eval()
 
 
 def median_of_trials(trials: list[dict]) -> dict:
@@ -300,6 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
         ("8 rows x 8 adapters, seq 1 (ms)", f"{decode['s2ft_mixed_ms']:.2f}", f"{decode['peft_mixed_ms']:.2f}",
          f"{decode['base_forward_ms']:.2f}"),
         ("  ratio to base forward", f"{decode['s2ft_over_base']:.3f}x", f"{decode['peft_over_base']:.3f}x", "1x"),
+        (f"same S2FT adapters served by PEFT, seq {args.seq} (ms)", f"{sv['s2ft_mixed_ms']:.1f}",
+         f"{sv['peft_exported_mixed_ms']:.1f}", f"{sv['base_forward_ms']:.1f}"),
+        ("same S2FT adapters served by PEFT, seq 1 (ms)", f"{decode['s2ft_mixed_ms']:.2f}",
+         f"{decode['peft_exported_mixed_ms']:.2f}", f"{decode['base_forward_ms']:.2f}"),
     ]  # fmt: skip
     threads = torch.get_num_threads()
     print(f"\nadapters benchmark ({args.dtype}, {args.device}, {threads} threads, torch {torch.__version__})")
@@ -308,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r[0]:44s} {r[1]:>14s} {r[2]:>20s} {r[3]:>8s}")
     err = sv["s2ft_row_vs_merged_max_abs_err"]
     print(f"S2FT mixed-batch row vs merged model: max |dlogits| = {err:.2e}")
+    print(f"PEFT serving the exported adapters vs S2FT serving them: max |dlogits| = "
+          f"{sv['peft_exported_vs_s2ft_max_abs_err']:.2e}")  # fmt: skip
     print(f"load average (1/5/15 min) at start {load_start}, at end {machine['loadavg_1_5_15']}")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"adapters_{torch.device(args.device).type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 One module per job: `format` (Adapter, BlockDelta, base checks), `extract` (from a trained model or two stock
 models), `files` (directories on disk), `bank` (merge / unmerge / switch, bit-exact), `fusion`, `serving`
-(a batched forward where every row runs its own adapter) and `cli` (``s2ft adapter ...``).
+(a batched forward where every row runs its own adapter), `peft_export` (the adapter as an exact PEFT LoRA
+adapter) and `cli` (``s2ft adapter ...``).
 """
 
 from s2ft_lightning.adapters.bank import AdapterBank, merge_adapter
@@ -18,6 +19,7 @@ from s2ft_lightning.adapters.files import (
 )
 from s2ft_lightning.adapters.format import Adapter, AdapterError, BaseCheck, BlockDelta, check_base
 from s2ft_lightning.adapters.fusion import FusionReport, fuse_adapters
+from s2ft_lightning.adapters.peft_export import export_peft_lora, lora_factors
 from s2ft_lightning.adapters.serving import MultiAdapterModel
 
 __all__ = [
@@ -33,11 +35,13 @@ __all__ = [
     "block_delta",
     "check_base",
     "diff_adapter",
+    "export_peft_lora",
     "extract_adapter",
     "fuse_adapters",
     "list_adapters",
     "load_adapter",
     "load_adapters",
+    "lora_factors",
     "merge_adapter",
     "save_adapter",
     "save_adapters",

@@ -5,6 +5,8 @@
   the base and write a stock Hugging Face folder (``save_pretrained``), reloaded and checked before kept.
 - export DIR --out ADAPTER_DIR [--name N] [--base PATH]: a standalone, re-validated copy of one adapter
   (e.g. out of a multi-adapter directory), optionally checked against a base.
+- export-lora DIR --out LORA_DIR [--name N] [--base PATH] [--max-rank R]: the adapter as an exact PEFT LoRA
+  adapter (``PeftModel.from_pretrained`` and LoRA serving stacks load it).
 - fuse DIR [DIR ...] --out ADAPTER_DIR [--weights W ...] [--overlap sum|mean]: combine adapters into one.
 """
 
@@ -46,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--name", default=None)
     e.add_argument("--base", default=None, help="also check the adapter against this base model folder")
+    x = sub.add_parser("export-lora", help="write one adapter as an exact PEFT LoRA adapter directory")
+    x.add_argument("path")
+    x.add_argument("--out", required=True)
+    x.add_argument("--name", default=None, help="the adapter of a multi-adapter directory")
+    x.add_argument("--base", default=None, help="also check the adapter against this base model folder")
+    x.add_argument("--max-rank", type=int, default=None, help="refuse modules that need a larger LoRA rank")
     f = sub.add_parser("fuse", help="combine adapters into one (sum / weighted sum / mean on overlaps)")
     f.add_argument("paths", nargs="+", help="adapter directories (multi-adapter directories contribute all)")
     f.add_argument("--out", required=True)
@@ -159,6 +167,19 @@ def _export(args) -> int:
     return 0
 
 
+def _export_lora(args) -> int:
+    from s2ft_lightning.adapters.peft_export import export_peft_lora
+
+    adapter = load_adapter(args.path, args.name)
+    if args.base:
+        model, _, _ = _load_base(args.base, [adapter], "auto")
+        check_base(model, adapter)
+    ranks = export_peft_lora(adapter, args.out, max_rank=args.max_rank)
+    shown = ", ".join(f"{r}" for r in sorted(set(ranks.values())))
+    print(f"exported {adapter.name!r} as a PEFT LoRA adapter ({len(ranks)} modules, ranks {shown}) -> {args.out}")
+    return 0
+
+
 def _fuse(args) -> int:
     ads: dict[str, Adapter] = {}
     for p in args.paths:
@@ -175,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``s2ft adapter``; returns the exit status (2 for a refused input, with the reason)."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        code = {"inspect": _inspect, "merge": _merge, "export": _export, "fuse": _fuse}[args.cmd](args)
+        cmds = {"inspect": _inspect, "merge": _merge, "export": _export, "export-lora": _export_lora, "fuse": _fuse}
+        code = cmds[args.cmd](args)
         sys.stdout.flush()
         return code
     except AdapterError as e:

@@ -1,9 +1,9 @@
 """Train S²FT on fixed rows in one process, under DDP or under FSDP2 (2 CPU processes, gloo); save what trained.
 
-    python tests/dist_worker.py MODEL_DIR OUT_DIR --strategy single|ddp|fsdp [--steps N | --epochs N]
+    python benchmarks/dist_worker.py MODEL_DIR OUT_DIR --strategy single|ddp|fsdp [--steps N | --epochs N]
         [--optimizer sgd|adamw] [--accumulate K] [--clip C] [--checkpoint] [--resume CKPT] [--adapter] [--merged]
 
-Used by tests/test_ddp.py and tests/test_fsdp.py and by tools/bench_distributed.py. Every global batch holds the
+Used by tests/test_fsdp.py and tools/bench_distributed.py. Every global batch holds the
 same rows whatever the process count (ranks take rows r, r+2, ... in order), so the trained deltas must match
 the single-process run. Writes OUT_DIR/deltas.safetensors (full deltas, gathered) and OUT_DIR/stats.json
 (per-rank frozen/trainable bytes held locally, step times).
