@@ -32,6 +32,8 @@ def require_torchao() -> None:
 
 def is_quantized(t: torch.Tensor) -> bool:
     """True for a torchao quantized weight (NF4 or int8 weight-only)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter):  # the common case, and one torch.compile can trace
+        return False
     return type(t).__module__.startswith("torchao")
 
 

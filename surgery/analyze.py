@@ -8,7 +8,7 @@ result is cross-checked against torch-pruning's traced dependency graph (`surger
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -29,6 +29,10 @@ _K = ("k_proj", "key", "k", "wk", "k_lin")
 _V = ("v_proj", "value", "v", "wv", "v_lin")
 _O = ("o_proj", "out_proj", "dense", "c_proj", "wo", "out_lin", "o", "output.dense")
 _FUSED_QKV = ("qkv_proj", "c_attn", "Wqkv", "W_pack", "qkv", "query_key_value")
+# Attention classes whose fused projection is plain [q | k | v] (checked against their transformers source).
+_PLAIN_FUSED_QKV = ("Phi3", "GPT2", "Mpt")
+# Names of learned absolute position tables (GPT-2, OPT, BERT-style encoders).
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
 _GATED_FFN = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"), ("wi_0", "wi_1", "wo"))
 _FUSED_GATED_FFN = (("gate_up_proj", "down_proj"),)
 _PLAIN_FFN = (
@@ -117,10 +121,23 @@ class _Finder:
             raise StructureError(f"{where} looks like attention but the model has no config to read heads from")
         if id(cfg) not in self._heads:
             try:
-                self._heads[id(cfg)] = head_info(cfg)
+                info = head_info(cfg)
             except HeadConfigError as e:
                 raise StructureError(f"{where}: {e}") from e
+            learned = self.learned_positions()
+            if info.rope and learned and info.position_evidence.startswith("assumed"):
+                # The module tree outranks an assumption: a learned position table means no rotation.
+                info = replace(info, rope=False, position_evidence=f"learned position embedding {learned}")
+            self._heads[id(cfg)] = info
+            self.notes.append(f"positions: {'rotary' if info.rope else 'not rotary'} ({info.position_evidence})")
         return self._heads[id(cfg)]
+
+    def learned_positions(self) -> str | None:
+        """Path of a learned absolute position table (GPT-2's wpe, OPT's embed_positions), if any."""
+        for name, mod in self.modules.items():
+            if isinstance(mod, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+                return name
+        return None
 
     def linear(self, base: str, rel: str) -> _Linear | None:
         path = _join(base, rel)
@@ -278,11 +295,14 @@ class _Finder:
                     for m in self.weight_and_bias(lin, "out", role, nh, d, offset=i * d, level="unit")
                 ]
             return out
-        if lin.path.endswith("query_key_value"):
+        attention = type(self.modules[path]).__name__
+        if lin.path.endswith("query_key_value") or not attention.startswith(_PLAIN_FUSED_QKV):
             raise self.fail(
                 layer,
                 path,
-                f"fused {lin.path} of {type(self.modules[path]).__name__} has an unknown qkv layout",
+                f"fused {lin.path} of {attention} has a qkv layout this analysis cannot prove is [q | k | v] "
+                f"(known: {', '.join(_PLAIN_FUSED_QKV)} and GPT-NeoX's per-head interleaving); e.g. CodeGen "
+                "interleaves groups. Not supported",
             )
         return (
             self.weight_and_bias(lin, "out", "q", nh, d, 0, "unit")
@@ -521,8 +541,14 @@ def _validate(couplings: list[Coupling], num_layers: int, model: nn.Module, fixe
                 )
 
 
-def analyze(model: nn.Module, *, cross_check: bool = True, time_budget_s: float = 60.0) -> ModelStructures:
-    """Find all head / FFN-channel / expert couplings of ``model``; raise StructureError when unsure."""
+def analyze(
+    model: nn.Module, *, cross_check: bool = True, time_budget_s: float = 60.0, probe: bool = True
+) -> ModelStructures:
+    """Find all head / FFN-channel / expert couplings of ``model``; raise StructureError when unsure.
+
+    With ``probe`` (default) the result is proven on the model: every coupling is moved by a legal permutation
+    and the function checked (`surgery.probe`), so a wrong analysis fails here, whatever a plan later selects.
+    """
     finder = _Finder(model)
     finder.run()
     couplings = sorted(finder.couplings, key=lambda c: (c.layer, {"heads": 0, "experts": 1, "ffn": 2}[c.kind]))
@@ -548,6 +574,15 @@ def analyze(model: nn.Module, *, cross_check: bool = True, time_budget_s: float 
             )
             notes += [f"graph: {u}" for u in report.unconfirmed if "MoE experts" not in u]
     model_type = getattr(config, "model_type", None) or type(model).__name__
-    return ModelStructures(
+    structures = ModelStructures(
         model_type=model_type, num_layers=num_layers, couplings=couplings, tied=finder.tied, notes=notes
     )
+    if probe:
+        from surgery.probe import ProbeError, probe_structures
+
+        try:
+            moved = probe_structures(model, structures)
+        except ProbeError as e:
+            raise StructureError(str(e)) from e
+        structures.notes.append(f"probe: all {moved} couplings moved by a legal permutation, function unchanged")
+    return structures

@@ -42,6 +42,7 @@ class HeadInfo:
     hidden_size: int
     rope: bool
     position_bias: bool = False  # ALiBi / relative bias indexed by head position: heads cannot move
+    position_evidence: str = ""  # why ``rope`` is what it is (a config field, the family, or an assumption)
 
     @property
     def group_size(self) -> int:
@@ -69,15 +70,19 @@ def _first(config: Any, keys: tuple[str, ...]) -> int | None:
     return None
 
 
-def uses_rope(config: Any) -> bool:
-    """Whether attention rotates q/k by position (then only whole heads may move)."""
+def position_encoding(config: Any) -> tuple[bool, str]:
+    """Whether attention rotates q/k by position, and the config evidence for that answer.
+
+    With RoPE only whole heads may move; the evidence is reported by the analysis so a reader can check it.
+    """
     model_type = getattr(config, "model_type", "")
     if model_type in _NO_ROPE_TYPES:
-        return False
-    if getattr(config, "position_embedding_type", None) in ("absolute", "relative_key", "relative_key_query"):
-        return False
+        return False, f"model_type {model_type!r} uses absolute/learned positions"
+    kind = getattr(config, "position_embedding_type", None)
+    if kind in ("absolute", "relative_key", "relative_key_query"):
+        return False, f"position_embedding_type={kind!r}"
     if getattr(config, "alibi", False):
-        return False
+        return False, "alibi=True"
     for key in (
         "rope_parameters",
         "rope_theta",
@@ -87,9 +92,14 @@ def uses_rope(config: Any) -> bool:
         "rotary_emb_base",
     ):
         if getattr(config, key, None) is not None:
-            return True
-    # Unknown family without any rotary field: treat as RoPE (whole-head moves are always legal).
-    return True
+            return True, f"config sets {key}"
+    # Unknown family without any rotary field: assume RoPE, the stricter case (whole-head moves stay legal).
+    return True, "assumed rotary (no position field in the config)"
+
+
+def uses_rope(config: Any) -> bool:
+    """Whether attention rotates q/k by position (then only whole heads may move)."""
+    return position_encoding(config)[0]
 
 
 def uses_head_position_bias(config: Any) -> bool:
@@ -129,11 +139,13 @@ def head_info(config: Any) -> HeadInfo:
                 f"num_attention_heads={heads}; set config.head_dim"
             )
         head_dim = hidden // heads
+    rope, evidence = position_encoding(config)
     return HeadInfo(
         num_heads=heads,
         num_kv_heads=kv,
         head_dim=head_dim,
         hidden_size=hidden or 0,
-        rope=uses_rope(config),
+        rope=rope,
         position_bias=uses_head_position_bias(config),
+        position_evidence=evidence,
     )

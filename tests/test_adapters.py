@@ -270,6 +270,12 @@ def test_adapter_cli_inspect_merge_export_fuse(llama_adapter, tmp_path, capsys):
     assert main(["merge", str(tmp_path / "one"), "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "bad")]) == 2
     assert main(["inspect", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    one = str(tmp_path / "one")
+    for cmd in (["merge", one], ["export", one], ["export-lora", one], ["fuse", one]):
+        stamp = (tmp_path / "merged" / "config.json").stat().st_mtime_ns
+        assert main([*cmd, "--out", str(tmp_path / "merged")]) == 2  # an existing folder is never overwritten
+        assert "already exists" in capsys.readouterr().err
+        assert (tmp_path / "merged" / "config.json").stat().st_mtime_ns == stamp
 
 
 def test_inspect_into_a_closed_pipe_ends_quietly(llama_adapter, tmp_path):

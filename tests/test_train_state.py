@@ -212,8 +212,9 @@ def _stage_failure(name, monkeypatch):
     if name == "verification":
         import surgery.verify
 
+        # with a plan given no analysis (and so no probe) runs: the refusal comes from the final verification
         monkeypatch.setitem(surgery.verify.DTYPE_TOLERANCE, torch.float32, -1.0)
-        return {}, surgery.verify.VerificationError
+        return {"plan": plan}, surgery.verify.VerificationError
     if name == "install":
         from s2ft_lightning import layers
 

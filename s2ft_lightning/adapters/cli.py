@@ -34,32 +34,32 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s2ft adapter", description="Inspect, merge, export and fuse S2FT adapters.")
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("inspect", help="summarise an adapter directory")
-    i.add_argument("path")
+    i.add_argument("path", help="S2FT adapter directory (adapter_config.json + adapter_model.safetensors)")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     m = sub.add_parser("merge", help="merge adapters into the base and save a stock model folder")
-    m.add_argument("path")
-    m.add_argument("--out", required=True)
+    m.add_argument("path", help="S2FT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("--out", required=True, help="new folder for the merged model (must not exist)")
     m.add_argument("--base", help="base model folder (default: base_model recorded in the adapter)")
     m.add_argument("--name", nargs="*", default=None, help="adapters of a multi-adapter directory (default: all)")
     m.add_argument("--scale", nargs="*", type=float, default=None, help="one scale per merged adapter")
     m.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the merged model (auto: as stored)")
     e = sub.add_parser("export", help="write a standalone, validated copy of one adapter")
-    e.add_argument("path")
-    e.add_argument("--out", required=True)
-    e.add_argument("--name", default=None)
+    e.add_argument("path", help="S2FT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    e.add_argument("--out", required=True, help="new folder for the copy (must not exist)")
+    e.add_argument("--name", default=None, help="the adapter of a multi-adapter directory")
     e.add_argument("--base", default=None, help="also check the adapter against this base model folder")
     x = sub.add_parser("export-lora", help="write one adapter as an exact PEFT LoRA adapter directory")
-    x.add_argument("path")
-    x.add_argument("--out", required=True)
+    x.add_argument("path", help="S2FT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    x.add_argument("--out", required=True, help="new folder for the PEFT LoRA adapter (must not exist)")
     x.add_argument("--name", default=None, help="the adapter of a multi-adapter directory")
     x.add_argument("--base", default=None, help="also check the adapter against this base model folder")
     x.add_argument("--max-rank", type=int, default=None, help="refuse modules that need a larger LoRA rank")
     f = sub.add_parser("fuse", help="combine adapters into one (sum / weighted sum / mean on overlaps)")
     f.add_argument("paths", nargs="+", help="adapter directories (multi-adapter directories contribute all)")
-    f.add_argument("--out", required=True)
-    f.add_argument("--weights", nargs="*", type=float, default=None)
-    f.add_argument("--overlap", choices=["sum", "mean"], default="sum")
-    f.add_argument("--fused-name", default="fused")
+    f.add_argument("--out", required=True, help="new folder for the fused adapter (must not exist)")
+    f.add_argument("--weights", nargs="*", type=float, default=None, help="one weight per adapter (default: 1 each)")
+    f.add_argument("--overlap", choices=["sum", "mean"], default="sum", help="how overlapping deltas combine")
+    f.add_argument("--fused-name", default="fused", help="name of the fused adapter")
     return p
 
 
@@ -196,11 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``s2ft adapter``; returns the exit status (2 for a refused input, with the reason)."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if getattr(args, "out", None) and Path(args.out).exists():  # never replace a folder (it may be a model)
+            raise FileExistsError(f"{args.out} already exists; remove it or pass another --out")
         cmds = {"inspect": _inspect, "merge": _merge, "export": _export, "export-lora": _export_lora, "fuse": _fuse}
         code = cmds[args.cmd](args)
         sys.stdout.flush()
         return code
-    except AdapterError as e:
+    except (AdapterError, FileExistsError) as e:
         print(f"s2ft adapter {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Unix tools do
