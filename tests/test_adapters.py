@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import trained_tiny
 
 from benchmarks.tiny_models import tiny_model
 from s2ft_lightning.adapters import (
@@ -24,21 +25,12 @@ from s2ft_lightning.adapters import (
     save_adapter,
     save_adapters,
 )
-from s2ft_lightning.pipeline import S2Config, prepare_model
 
 CASES = {"llama_gqa": ("llama", {"num_key_value_heads": 2}), "gpt2_conv1d": ("gpt2", {})}
 
 
 def _trained(model_type: str, kw: dict, seed: int = 1):
-    """A tiny model prepared by the real pipeline (permuted + S2 layers), with its blocks 'trained'."""
-    model = tiny_model(model_type, seed=0, **kw)
-    plan = prepare_model(model, S2Config(o_ratio=0.5, v_ratio=0.5, u_ratio=0.25, d_ratio=0.25, seed=seed))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model, plan
+    return trained_tiny(model_type, kw, seed)
 
 
 def _logits(model, ids):

@@ -9,6 +9,8 @@ import torch
 
 peft = pytest.importorskip("peft")
 
+from tiny_models import trained_tiny  # noqa: E402
+
 from benchmarks.tiny_models import tiny_model  # noqa: E402
 from s2ft_lightning.adapters import (  # noqa: E402
     AdapterError,
@@ -20,7 +22,6 @@ from s2ft_lightning.adapters import (  # noqa: E402
     merge_adapter,
     save_adapter,
 )
-from s2ft_lightning.pipeline import S2Config, prepare_model  # noqa: E402
 
 CASES = {
     "llama_gqa": ("llama", {"num_key_value_heads": 2}),  # o/down columns, v/up rows, GQA runs
@@ -31,13 +32,7 @@ IDS = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(3))
 
 
 def _trained(model_type: str, kw: dict, seed: int = 1, dtype=torch.float32):
-    model = tiny_model(model_type, seed=0, **kw).to(dtype)
-    plan = prepare_model(model, S2Config(o_ratio=0.5, v_ratio=0.5, u_ratio=0.25, d_ratio=0.25, seed=seed))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model, plan = trained_tiny(model_type, kw, seed, dtype)
     return model, extract_adapter(model, plan, name=f"s{seed}")
 
 

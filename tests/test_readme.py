@@ -57,7 +57,7 @@ def test_use_commands_run_as_printed(tmp_path):
         (tmp_path / name).symlink_to(repo / name)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     commands = _commands_after("## Use")
-    assert len(commands) == 6 and commands[0].startswith("s2ft fit")
+    assert len(commands) == 7 and commands[0].startswith("s2ft fit")
     for cmd in commands:
         proc = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
@@ -67,10 +67,32 @@ def test_use_commands_run_as_printed(tmp_path):
             assert "adapter 'default'" in proc.stdout
         if "validate" in cmd:
             assert "val/loss" in proc.stdout
+        if "export-lora" in cmd:
+            assert "ranks 31, 64" in proc.stdout  # Down columns of 31 channels, O columns of one 64-wide head
     assert (tmp_path / "runs" / "quickstart" / "logs" / "latest" / "adapter" / "default").is_dir()
     merged = tmp_path / "runs" / "quickstart" / "merged"  # the adapter's recorded base was demo:smollm2
     assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
     assert merged.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    _check_exported_lora(tmp_path / "runs" / "quickstart")
+
+
+def _check_exported_lora(run: Path) -> None:
+    """Stock PEFT serving the exported LoRA gives the logits of the S2FT adapter merged into the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from s2ft_lightning.adapters import load_adapter, merge_adapter
+    from s2ft_lightning.models import resolve_path
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(resolve_path("demo:smollm2"), dtype=torch.float32).eval()
+
+    ours = base()
+    merge_adapter(ours, load_adapter(run / "logs" / "latest" / "adapter" / "default"))
+    served = PeftModel.from_pretrained(base(), run / "lora").eval()
+    ids = torch.arange(1, 33)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
 def _umask() -> int:

@@ -1,4 +1,4 @@
-"""Shared helpers of the surgery tests: the tiny GQA Llama they use and parameter snapshots."""
+"""Shared test helpers: the tiny GQA Llama of the surgery tests, parameter snapshots, trained tiny models."""
 
 from __future__ import annotations
 
@@ -24,3 +24,18 @@ def assert_same(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None
     assert now.keys() == before.keys()
     changed = [n for n in now if not torch.equal(now[n], before[n])]
     assert not changed, f"parameters changed: {changed}"
+
+
+def trained_tiny(model_type: str, kw: dict, seed: int = 1, dtype: torch.dtype = torch.float32):
+    """A tiny model prepared by the real pipeline (permuted + S2 layers) with its blocks 'trained' (random
+    deltas); returns (model, plan)."""
+    from s2ft_lightning.pipeline import S2Config, prepare_model
+
+    model = tiny_model(model_type, seed=0, **kw).to(dtype)
+    plan = prepare_model(model, S2Config(o_ratio=0.5, v_ratio=0.5, u_ratio=0.25, d_ratio=0.25, seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model, plan

@@ -39,8 +39,10 @@ def _model(folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "distributed-cpu.json"))
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per strategy (median reported)")
+    p.add_argument(
+        "--out", default=str(REPO / "benchmarks" / "results" / "distributed-cpu.json"), help="JSON result file"
+    )
     a = p.parse_args(argv)
     from benchmarks.sysinfo import describe
 
