@@ -13,7 +13,7 @@ import torch
 
 from benchmarks import train_suite as ts
 from benchmarks.memory_model import Shape, activation_bytes_per_token_layer, base_weight_bytes
-from benchmarks.profile import saved_activation_bytes
+from benchmarks.step_profile import saved_activation_bytes
 
 MODES = {"frozen": "frozen", "s2ft": "s2ft", "full": "full", "lora": "lora"}
 

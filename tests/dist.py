@@ -1,4 +1,4 @@
-"""Run tests/dist_worker.py in fresh processes and read back what it trained (shared by the DDP/FSDP tests)."""
+"""Run benchmarks/dist_worker.py in fresh processes and read back what it trained (shared by the DDP/FSDP tests)."""
 
 from __future__ import annotations
 

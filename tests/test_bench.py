@@ -17,8 +17,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # benchmarks/ is a repo folder, not an installed package
 
 from benchmarks import plots  # noqa: E402
-from benchmarks import profile as pf  # noqa: E402
 from benchmarks import report as rp  # noqa: E402
+from benchmarks import step_profile as pf  # noqa: E402
 from benchmarks import train_suite as ts  # noqa: E402
 
 

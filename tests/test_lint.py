@@ -21,3 +21,15 @@ def test_ruff_check_clean():
 def test_ruff_format_clean():
     r = _ruff("format", "--check", ".")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_no_script_folder_shadows_a_standard_module():
+    """Scripts run as ``python benchmarks/x.py`` put their folder first on sys.path: a ``profile.py`` there
+    replaced the standard ``profile`` that ``cProfile`` (imported by torch._dynamo) needs."""
+    shadows = [
+        p.relative_to(ROOT).as_posix()
+        for folder in ("benchmarks", "tools", "tests")
+        for p in (ROOT / folder).glob("*.py")
+        if p.stem in sys.stdlib_module_names
+    ]
+    assert not shadows, f"rename these: they shadow standard modules when scripts run: {shadows}"

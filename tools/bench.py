@@ -115,7 +115,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
-    from benchmarks import profile as pf
+    from benchmarks import step_profile as pf
     from benchmarks import sysinfo
 
     cfg = ts.get_config(a.config, modes=a.modes, batch=a.batch, seqs=a.seq, device=a.device, threads=a.threads)

@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             worker = str(REPO / "benchmarks" / "dist_worker.py")
             cmd = [sys.executable, worker, str(model), str(out), "--strategy", strategy, "--steps", str(a.steps)]
             cmd += ["--optimizer", "adamw", "--rows-per-device", "2"]
-            subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=out)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
+            if proc.returncode:
+                raise SystemExit(f"{strategy} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             stats = [json.loads(f.read_text()) for f in sorted(out.glob("stats_rank*.json"))]
             steps = [t for s in stats for t in s["step_seconds"][2:]]  # the first steps warm up
             results[strategy] = {
