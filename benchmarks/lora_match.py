@@ -33,3 +33,18 @@ def matched_lora_rank(
     if per_rank == 0:
         raise ValueError(f"no Linear/Conv1D modules named {targets!r} in the model; pass the names LoRA should adapt")
     return max(1, round(count / per_rank)), per_rank
+
+
+def matched_expert_lora_rank(model: torch.nn.Module, count: int, param: str = "down_proj") -> tuple[int, int]:
+    """(rank, weights per unit of rank) of PEFT LoRA on every 3-D expert parameter ``param`` closest to ``count``.
+
+    PEFT gives each of the E experts its own rank-r factors: ``lora_A (r·E, in)``, ``lora_B (out, r·E)``.
+    """
+    per_rank = sum(
+        p.shape[0] * (p.shape[1] + p.shape[2])
+        for n, p in model.named_parameters()
+        if n.endswith(f"experts.{param}") and p.dim() == 3
+    )
+    if per_rank == 0:
+        raise ValueError(f"no 3-D expert parameters named {param!r} in the model")
+    return max(1, round(count / per_rank)), per_rank

@@ -102,6 +102,37 @@ CONFIGS: dict[str, dict[str, Any]] = {
         timeout_s=600,
         compile_timeout_s=600,
     ),
+    # A small Qwen3-MoE (8 experts, top 2) on CPU: S²FT trains Down columns of every expert (the paper's
+    # LLaMA-3 ratio); PEFT LoRA adapts the same 3-D expert weights (`target_parameters`) at a matched count.
+    "moe-small": dict(
+        arch="qwen3_moe",
+        model=dict(
+            hidden_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            intermediate_size=1376,
+            moe_intermediate_size=704,
+            num_experts=8,
+            num_experts_per_tok=2,
+            vocab_size=8192,
+        ),
+        dtype="float32",
+        device="cpu",
+        threads=1,
+        batch=2,
+        seqs=[256],
+        o_ratio=0.0,
+        d_ratio=0.03,
+        slices="planner",
+        lora="experts",
+        modes=["frozen", "s2ft", "full", "lora"],
+        steps=10,
+        warmup=3,
+        timeout_s=600,
+        compile_timeout_s=420,
+    ),
     # Seconds-long config for tests and dry runs of the harness itself.
     "tiny": dict(
         model=dict(
@@ -151,13 +182,15 @@ def get_config(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def build_model(cfg: dict[str, Any], device: str | torch.device) -> nn.Module:
-    """The config's random-init LlamaForCausalLM, built directly on ``device`` in the config dtype."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The config's random-init causal LM (Llama unless ``arch`` says), built on ``device`` in the config dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    lcfg = LlamaConfig(**cfg["model"], max_position_embeddings=max(4096, max(cfg["seqs"])), use_cache=False)
+    mcfg = AutoConfig.for_model(
+        cfg.get("arch", "llama"), **cfg["model"], max_position_embeddings=max(4096, max(cfg["seqs"])), use_cache=False
+    )
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(lcfg, dtype=resolve_dtype(cfg["dtype"]))
+        model = AutoModelForCausalLM.from_config(mcfg, dtype=resolve_dtype(cfg["dtype"]))
     return model.to(device).train()  # no-op when the device context already placed it
 
 
@@ -240,14 +273,21 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
     else:
         from peft import LoraConfig, get_peft_model
 
-        from benchmarks.lora_match import matched_lora_rank
+        from benchmarks.lora_match import matched_expert_lora_rank, matched_lora_rank
         from surgery.planner import slice_weight_count
 
         slices, how = s2ft_slices(model, cfg, apply=False)
         count = slice_weight_count(model, slices.slices if hasattr(slices, "slices") else slices)
-        targets: Any = list(LORA_TARGETS) if mode == "lora" else "all-linear"
-        rank, per_rank = matched_lora_rank(model, count, targets)
-        lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
+        if cfg.get("lora") == "experts":  # the same 3-D expert weights S²FT trains (PEFT's target_parameters)
+            targets = ["mlp.experts.down_proj"]
+            rank, per_rank = matched_expert_lora_rank(model, count, "down_proj")
+            lcfg = LoraConfig(
+                r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=[], target_parameters=targets
+            )
+        else:
+            targets = list(LORA_TARGETS) if mode == "lora" else "all-linear"
+            rank, per_rank = matched_lora_rank(model, count, targets)
+            lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none")
         _quantize(model.requires_grad_(False), quantize)  # QLoRA-style: the same quantized base under the adapters
         model = get_peft_model(model, lcfg)
         info.update(lora_rank=rank, lora_targets=targets, s2ft_count_matched=count, lora_params_per_rank=per_rank)

@@ -25,7 +25,15 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from surgery.linear import is_conv1d, logical, logical_shape
+from surgery.linear import (
+    ExpertLinear,
+    is_conv1d,
+    logical,
+    logical_shape,
+    logical_weight,
+    resolve_linear,
+    split_expert_name,
+)
 from surgery.plan import BlockSlice, S2Plan
 from surgery.planner import applied_plan_id, plan_id
 
@@ -62,6 +70,11 @@ def state_dict_form(form: str) -> Iterator[None]:
         _FORM.reset(token)
 
 
+def current_form() -> str:
+    """The state-dict form S2 layers write now ("merged" unless inside ``state_dict_form("split")``)."""
+    return _FORM.get()
+
+
 class S2InstallError(ValueError):
     """A plan or block set that cannot be installed on this model (the model is left untouched)."""
 
@@ -71,27 +84,21 @@ def _block_shape(feature: str, runs: Sequence[tuple[int, int]], out_f: int, in_f
     return (k, in_f) if feature == "out" else (out_f, k)
 
 
-class S2Linear(nn.Module):
-    """A frozen Linear/Conv1D plus trainable deltas on its planned rows/columns: ``y = x (W + Δ)ᵀ + b``."""
+class DeltaBlocks(nn.Module):
+    """Trainable deltas on planned rows/columns of one logical ``[out, in]`` weight (``self.weight``).
 
-    def __init__(self, base: nn.Module, slices: Sequence[BlockSlice], master_dtype: torch.dtype | None = None):
-        super().__init__()
-        self.transposed = is_conv1d(base)
-        self.out_features, self.in_features = logical_shape(base)
-        if self.transposed:
-            self.nf = base.nf  # Conv1D callers read it
-        # Same Parameter objects as the base: state_dict keys ``<module>.weight``/``.bias`` are unchanged.
-        self.weight = base.weight
-        self.bias = base.bias
-        self.__dict__["base_module"] = base  # not a submodule: restored as-is by uninstall
+    The part S2Linear and the expert blocks (`s2ft_lightning.experts`) share: delta parameters ``delta_<i>`` in
+    spec order, the base values under them, the merged weight.
+    """
+
+    transposed = False  # Conv1D storage ([in, out]) when True
+
+    def _add_deltas(self, slices: Sequence[BlockSlice], dtype: torch.dtype, device: torch.device) -> None:
         self.slices = [BlockSlice(s.module, s.role, s.feature, list(s.runs), list(s.original)) for s in slices]
         self.specs = tuple((s.feature, tuple((int(a), int(b)) for a, b in s.runs)) for s in self.slices)
-        dtype = master_dtype or self.weight.dtype
         for i, (feature, runs) in enumerate(self.specs):
             shape = _block_shape(feature, runs, self.out_features, self.in_features)
-            self.register_parameter(
-                f"delta_{i}", nn.Parameter(torch.zeros(shape, dtype=dtype, device=self.weight.device))
-            )
+            self.register_parameter(f"delta_{i}", nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)))
 
     @property
     def deltas(self) -> list[nn.Parameter]:
@@ -114,6 +121,22 @@ class S2Linear(nn.Module):
     def keep_base_blocks(self) -> None:
         """Remember the base values under the blocks (before the base is quantized), for adapters and checks."""
         self.__dict__["_base_blocks"] = [self.base_block(i) for i in range(len(self.specs))]
+
+
+class S2Linear(DeltaBlocks):
+    """A frozen Linear/Conv1D plus trainable deltas on its planned rows/columns: ``y = x (W + Δ)ᵀ + b``."""
+
+    def __init__(self, base: nn.Module, slices: Sequence[BlockSlice], master_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.transposed = is_conv1d(base)
+        self.out_features, self.in_features = logical_shape(base)
+        if self.transposed:
+            self.nf = base.nf  # Conv1D callers read it
+        # Same Parameter objects as the base: state_dict keys ``<module>.weight``/``.bias`` are unchanged.
+        self.weight = base.weight
+        self.bias = base.bias
+        self.__dict__["base_module"] = base  # not a submodule: restored as-is by uninstall
+        self._add_deltas(slices, master_dtype or self.weight.dtype, self.weight.device)
 
     def merged_weight(self) -> torch.Tensor:
         """The weight with the deltas folded in (``cast(base_fp32 + Δ)``), in the base's layout and dtype."""
@@ -182,9 +205,9 @@ class S2Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, conv1d={self.transposed}, blocks={parts}"
 
 
-def installed(model: nn.Module) -> dict[str, S2Linear]:
-    """The S2 wrappers currently installed in ``model``, by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, S2Linear)}
+def installed(model: nn.Module) -> dict[str, DeltaBlocks]:
+    """The S2 layers currently installed in ``model`` by module name: `S2Linear`s and MoE expert blocks."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, DeltaBlocks)}
 
 
 def _validate(
@@ -194,6 +217,11 @@ def _validate(
     init: Mapping[str, Sequence[torch.Tensor]] | None,
 ) -> dict[str, nn.Module]:
     mods = dict(model.named_modules())
+    for name in by_module:  # experts of 3-D MoE weights (`surgery.linear.ExpertLinear`) are not modules
+        parts = split_expert_name(name)
+        if parts is not None and parts[0] in mods:
+            with contextlib.suppress(AttributeError):
+                mods[name] = resolve_linear(model, name)
     found: dict[str, nn.Module] = {}
     for name, slices in by_module.items():
         if name not in mods:
@@ -203,11 +231,15 @@ def _validate(
                 "install on the model the plan was built for (the HF model, not a wrapper)"
             )
         mod = mods[name]
-        if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
+        if not (isinstance(mod, (nn.Linear, ExpertLinear)) or is_conv1d(mod)):
             raise S2InstallError(
-                f"module {name!r} is a {type(mod).__name__}; S2 blocks can only be installed on nn.Linear "
-                "or transformers Conv1D modules"
+                f"module {name!r} is a {type(mod).__name__}; S2 blocks can only be installed on nn.Linear, "
+                "transformers Conv1D or 3-D MoE expert weights"
             )
+        if isinstance(mod, ExpertLinear):
+            from .experts import check_experts
+
+            check_experts(mod.owner, name.rsplit(".", 1)[0])
         out_f, in_f = logical_shape(mod)
         features = {s.feature for s in slices}
         if len(features) > 1:
@@ -276,10 +308,12 @@ def _resolve_slices(model: nn.Module, plan_or_slices: S2Plan | Iterable[BlockSli
 
 
 def _master_dtypes(model: nn.Module, names: Iterable[str], master_dtype) -> dict[str, torch.dtype | None]:
-    all_mods = dict(model.named_modules())
     dtypes = {}
     for name in names:
-        wd = getattr(getattr(all_mods.get(name), "weight", None), "dtype", torch.float32)
+        try:
+            wd = logical_weight(resolve_linear(model, name)).dtype
+        except AttributeError:
+            wd = torch.float32  # reported by validation
         if master_dtype == "auto":
             dtypes[name] = torch.float32 if wd in (torch.bfloat16, torch.float16) else None
         elif master_dtype is None or isinstance(master_dtype, torch.dtype):
@@ -345,10 +379,15 @@ def install(
     dtypes = _master_dtypes(model, by_module, master_dtype)
     mods = _validate(model, by_module, dtypes, init)
 
+    from .experts import ExpertBlocks, attach_expert_blocks
+
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    out: dict[str, S2Linear] = {}
+    out: dict[str, DeltaBlocks] = {}
     for name, mod in mods.items():
-        wrapper = S2Linear(mod, by_module[name], dtypes[name])
+        if isinstance(mod, ExpertLinear):
+            wrapper = ExpertBlocks(mod.owner, mod.param, mod.expert, by_module[name], dtypes[name])
+        else:
+            wrapper = S2Linear(mod, by_module[name], dtypes[name])
         if init is not None and name in init:
             with torch.no_grad():
                 for d, v in zip(wrapper.deltas, init[name]):
@@ -356,21 +395,36 @@ def install(
         out[name] = wrapper
     for p in model.parameters():
         p.requires_grad_(False)
+    experts: dict[str, dict[str, ExpertBlocks]] = {}
     for name, wrapper in out.items():
-        _set_child(model, name, wrapper)
+        if isinstance(wrapper, ExpertBlocks):
+            owner, _, child = name.rpartition(".")
+            experts.setdefault(owner, {})[child] = wrapper
+        else:
+            _set_child(model, name, wrapper)
         for d in wrapper.deltas:
             d.requires_grad_(True)
+    for owner, blocks in experts.items():
+        attach_expert_blocks(model.get_submodule(owner), blocks)
     model.__dict__[_STATE_ATTR] = saved
     return out
 
 
 def uninstall(model: nn.Module, merge: bool = True) -> dict[str, nn.Module]:
     """Put the original modules back: with the deltas merged in (``merge=True``) or the untouched base."""
+    from .experts import S2ExpertsMixin, detach_expert_blocks
+
     wrappers = installed(model)
     if not wrappers:
         raise S2InstallError("no S2 blocks are installed on this model")
     restored = {}
+    for name, owner in list(model.named_modules()):
+        if isinstance(owner, S2ExpertsMixin):
+            detach_expert_blocks(owner, merge)
+            restored[name] = owner
     for name, w in wrappers.items():
+        if not isinstance(w, S2Linear):
+            continue
         if merge:
             w.merge_into_base_()
         base = w.base_module

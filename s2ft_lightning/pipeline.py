@@ -19,7 +19,7 @@ from torch import nn
 
 from s2ft_lightning import layers
 from surgery.config import SelectionConfig
-from surgery.linear import logical_weight
+from surgery.linear import logical_weight, resolve_linear
 from surgery.plan import PlanError, S2Plan, model_fingerprint
 from surgery.planner import applied_plan as _applied
 from surgery.planner import apply_plan, make_plan, plan_id, unapply_plan
@@ -143,7 +143,7 @@ def base_values_digest(model: nn.Module, plan: S2Plan) -> str:
     permuted = applied_plan(model) is not None
     h = hashlib.sha256()
     for s in sorted(plan.slices, key=lambda s: (s.module, s.feature, s.runs[0])):
-        w = logical_weight(model.get_submodule(s.module))
+        w = logical_weight(resolve_linear(model, s.module))
         dim = 0 if s.feature == "out" else 1
         idx = torch.tensor(s.positions() if permuted else s.original, dtype=torch.long, device=w.device)
         vals = w.index_select(dim, idx).to(torch.bfloat16).float().contiguous().cpu()  # dtype-independent

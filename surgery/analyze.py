@@ -15,7 +15,7 @@ from torch import nn
 from .graph import GraphError, build_graph
 from .graph import cross_check as graph_cross_check
 from .heads import HeadConfigError, HeadInfo, head_info
-from .linear import linear_shape
+from .linear import expert_name, linear_shape
 from .structures import Coupling, Member, ModelStructures
 
 
@@ -415,6 +415,8 @@ class _Finder:
         gate_up, gate, up, down = (params.get(n) for n in ("gate_up_proj", "gate_proj", "up_proj", "down_proj"))
         if down is None or down.dim() != 3 or (gate_up is None and (gate is None or up is None)):
             raise self.fail(layer, experts_path, f"unknown expert weight layout: {sorted(params)}")
+        if getattr(experts, "is_transposed", False) or getattr(experts, "is_concatenated", True) is False:
+            raise self.fail(layer, experts_path, "transposed or interleaved gate/up expert weights are not supported")
         num_experts, _, width = down.shape
         if down.shape[1] != hidden:
             raise self.fail(
@@ -457,7 +459,12 @@ class _Finder:
         for e in range(num_experts):
 
             def em(name: str, axis: int, role: str, offset: int = 0, feature: str | None = None, e: int = e):
-                return Member(_join(fe, name), axis, width, offset=offset, role=role, feature=feature, fixed=((0, e),))
+                # A weight member names expert e of the 3-D tensor as one linear (`surgery.linear.ExpertLinear`).
+                module = expert_name(fe, name, e) if feature is not None else None
+                return Member(
+                    _join(fe, name), axis, width, offset=offset, role=role, module=module, feature=feature,
+                    fixed=((0, e),),
+                )  # fmt: skip
 
             if gate_up is not None:
                 ch = [em("gate_up_proj", 1, "gate", 0, "out"), em("gate_up_proj", 1, "up", width, "out")]

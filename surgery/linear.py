@@ -1,10 +1,14 @@
-"""nn.Linear and transformers' Conv1D seen alike: logical ``[out, in]`` weights and shapes.
+"""nn.Linear, transformers' Conv1D and one expert of a 3-D MoE weight seen alike: logical ``[out, in]`` weights.
 
-GPT-2's ``Conv1D`` stores its weight ``[in, out]`` (transposed); everything in this project that slices rows
-or columns works on the logical ``[out, in]`` view these helpers give, so the two are handled in one place.
+GPT-2's ``Conv1D`` stores its weight ``[in, out]`` (transposed); MoE experts store ``[experts, out, in]``
+tensors whose expert ``e`` acts as one linear map. Everything in this project that slices rows or columns
+works on the logical ``[out, in]`` view these helpers give, so all three are handled in one place. Expert
+``e`` of parameter ``p`` of experts module ``m`` is named ``"m.p[e]"`` in plans and adapters.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -13,6 +17,55 @@ try:  # transformers is optional for surgery's pure-torch parts; Conv1D only exi
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
+
+
+_EXPERT_NAME = re.compile(r"^(?P<owner>.+)\.(?P<param>[A-Za-z_]\w*)\[(?P<expert>\d+)\]$")
+
+
+class ExpertLinear:
+    """Expert ``expert`` of a 3-D expert parameter ``[experts, out, in]``, seen as one linear module.
+
+    ``weight`` is a view: writes land in the 3-D tensor. Not an ``nn.Module``: it exists only as a name.
+    """
+
+    def __init__(self, owner: nn.Module, param: str, expert: int) -> None:
+        self.owner, self.param, self.expert = owner, param, expert
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.owner, self.param)[self.expert]
+
+    @property
+    def out_features(self) -> int:
+        return getattr(self.owner, self.param).shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return getattr(self.owner, self.param).shape[2]
+
+
+def expert_name(owner: str, param: str, expert: int) -> str:
+    """The name of expert ``expert`` of ``owner.param`` in plans and adapters."""
+    return f"{owner}.{param}[{expert}]"
+
+
+def split_expert_name(name: str) -> tuple[str, str, int] | None:
+    """``(owner, param, expert)`` of an expert name, or None for any other name."""
+    m = _EXPERT_NAME.match(name)
+    return None if m is None else (m["owner"], m["param"], int(m["expert"]))
+
+
+def resolve_linear(model: nn.Module, name: str) -> nn.Module | ExpertLinear:
+    """The module called ``name``, or the `ExpertLinear` an expert name stands for; AttributeError if neither."""
+    parts = split_expert_name(name)
+    if parts is None:
+        return model.get_submodule(name)
+    owner_name, param, expert = parts
+    owner = model.get_submodule(owner_name)
+    w = getattr(owner, param, None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 3 or not 0 <= expert < w.shape[0]:
+        raise AttributeError(f"{owner_name!r} has no 3-D expert parameter {param!r} with an expert {expert}")
+    return ExpertLinear(owner, param, expert)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -26,6 +79,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int, int] | None:
         return module.in_features, module.out_features, 0
     if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1], 1
+    if isinstance(module, ExpertLinear):
+        return module.in_features, module.out_features, 0
     return None
 
 
@@ -34,9 +89,9 @@ def logical(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight.t() if transposed else weight
 
 
-def logical_weight(module: nn.Module) -> torch.Tensor:
-    """The module's weight as an ``[out, in]`` view (a transposed view for Conv1D)."""
-    return logical(module.weight, is_conv1d(module))
+def logical_weight(module: nn.Module | ExpertLinear) -> torch.Tensor:
+    """The module's weight as an ``[out, in]`` view (transposed for Conv1D and S2 layers around one)."""
+    return logical(module.weight, is_conv1d(module) or getattr(module, "transposed", False) is True)
 
 
 def logical_shape(module: nn.Module) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from surgery.config import SelectionConfig, resolve
-from surgery.linear import linear_shape
+from surgery.linear import linear_shape, resolve_linear
 from surgery.permute import (
     IllegalPermutation,
     apply_permutations,
@@ -219,10 +219,9 @@ def _plan_couplings(model, plan: S2Plan, structures: ModelStructures | None) -> 
 
 def slice_weight_count(model: torch.nn.Module, slices: Iterable[BlockSlice]) -> int:
     """Weights the block slices train: features x the other fan of each Linear / Conv1D (no install needed)."""
-    mods = dict(model.named_modules())
     total = 0
     for s in slices:
-        fan_in, fan_out, _ = linear_shape(mods[s.module])
+        fan_in, fan_out, _ = linear_shape(resolve_linear(model, s.module))
         total += s.numel_features * (fan_out if s.feature == "in" else fan_in)
     return total
 

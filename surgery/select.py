@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from surgery.config import RATIO_KEYS, STRATEGIES, SelectionConfig, SelectionError, resolve
+from surgery.linear import split_expert_name
 from surgery.permute import member_index, pinned_view
 from surgery.structures import Coupling, Member, ModelStructures
 
@@ -144,6 +145,12 @@ def _scores(model, work: list[tuple[Coupling, str]], strategy: str, calibration)
         model.eval()
         if need_a:
             keys = {(m.module, m.feature) for c, r in work for m in role_members(c, r)}
+            experts = sorted(k[0] for k in keys if split_expert_name(k[0]) is not None)
+            if experts:
+                raise SelectionError(
+                    f"strategy {strategy!r} reads activations at module boundaries, but MoE expert weights "
+                    f"({experts[0]}, ...) run inside one experts module; use 'weight', 'gradient' or 'random'"
+                )
             acts = _activation_sq(model, keys, calibration)
         if strategy == "gradient":
             grads = _gradient_sq(model, sorted({m.param for c, r in work for m in c.by_role(r)}), calibration)

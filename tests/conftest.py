@@ -30,3 +30,11 @@ def tiny_llama_dir(tmp_path_factory):
     from tiny_tokenizer import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory):
+    """A saved tiny Qwen3-MoE (4 experts of 3-D weights, top 2) + tokenizer folder."""
+    from tiny_tokenizer import save_tiny_moe
+
+    return save_tiny_moe(tmp_path_factory.mktemp("tiny_moe"))

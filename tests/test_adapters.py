@@ -222,7 +222,7 @@ def test_extract_refuses_uninstalled_model(llama_adapter):
     from s2ft_lightning.layers import uninstall
 
     uninstall(model, merge=True)
-    with pytest.raises(AdapterError, match="S2Linear"):
+    with pytest.raises(AdapterError, match="not an installed S2 layer"):
         extract_adapter(model, plan)
 
 

@@ -83,6 +83,25 @@ def test_lora_rank_matched_to_s2ft_count(cfg, mode):
     assert names == expected
 
 
+def test_moe_config_trains_the_same_expert_weights_in_s2ft_and_lora():
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                 intermediate_size=48, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                 vocab_size=128)  # fmt: skip
+    c = ts.get_config("moe-small", model=small, seqs=[8], steps=1, warmup=1)
+    s2 = ts.setup_mode("s2ft", c, "cpu")
+    k = max(1, round(c["d_ratio"] * 64))
+    assert s2.info["trainable_params"] == 2 * 4 * k * 32  # Down columns of every expert of both layers
+    lora = ts.setup_mode("lora", c, "cpu")
+    info = lora.info
+    assert info["lora_params_per_rank"] == 2 * 4 * (64 + 32) and info["s2ft_count_matched"] == 2 * 4 * k * 32
+    assert info["trainable_params"] == info["lora_rank"] * info["lora_params_per_rank"]
+    trained = {n for n, p in lora.model.named_parameters() if p.requires_grad}
+    assert trained and all(".mlp.experts.lora_" in n for n in trained)
+    ids = torch.randint(0, 128, (1, 8))
+    for b in (s2, lora):
+        assert torch.isfinite(torch.tensor(ts.make_step(b, ids)()))
+
+
 def test_suite_writes_json_table_and_plot(cfg, tmp_path):
     c = dict(cfg, modes=["frozen", "s2ft", "lora"], seqs=[8, 16])
     seen = []

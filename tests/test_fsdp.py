@@ -92,3 +92,19 @@ def test_fsdp_checkpoint_holds_only_what_trains_and_resumes_bit_exactly(tiny_lla
         tiny_llama_dir, tmp_path / "resumed", "fsdp", *common, "--epochs", "2", "--resume", str(ckpt)
     )
     assert _worst(full_run, resumed) == 0.0
+
+
+def test_fsdp_trains_moe_experts_like_one_process(tiny_moe_dir, tmp_path):
+    """Expert blocks live inside the sharded experts module: same deltas and adapter as one process."""
+    single, _ = run_worker(tiny_moe_dir, tmp_path / "single", "single", "--optimizer", "adamw", "--adapter")
+    fsdp, stats = run_worker(tiny_moe_dir, tmp_path / "fsdp", "fsdp", "--optimizer", "adamw", "--adapter")
+    assert any("experts.down_proj[" in k for k in single) and _worst(single, fsdp) <= 1e-5
+    ref, got = (
+        load_adapter(tmp_path / "single" / "adapter" / "default"),
+        load_adapter(tmp_path / "fsdp" / "adapter" / "default"),
+    )
+    assert [b.module for b in got.blocks] == [b.module for b in ref.blocks]
+    for a, b in zip(ref.blocks, got.blocks):
+        assert a.indices == b.indices and a.base_checks == b.base_checks
+        torch.testing.assert_close(a.delta, b.delta, atol=1e-5, rtol=0)
+    assert all(s["frozen_bytes_local"] > 0 for s in stats)

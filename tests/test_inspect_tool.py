@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.tiny_models import tiny_model
+
 _spec = importlib.util.spec_from_file_location(
     "inspect_structure", Path(__file__).resolve().parents[1] / "tools" / "inspect_structure.py"
 )
@@ -22,6 +24,17 @@ def test_json_audit_verifies(model_type, capsys):
     assert out["verified"] is True and out["rel_diff"] <= 1e-4  # relative to the logit scale, as verify checks
     assert out["couplings"] >= 4 and 0 < out["trainable_params"] < out["total_params"]
     assert out["lora_rank_equivalent"] > 0
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_moe_audit_trains_every_expert(model_type, capsys):
+    args = [model_type, "--tiny", "--o-ratio", "0.25", "--d-ratio", "0.1", "--u-ratio", "0.1", "--verify"]
+    assert inspect_structure.main(args) == 0
+    text = capsys.readouterr().out
+    assert "verification: PASSED" in text
+    cfg = tiny_model(model_type).config
+    k = max(1, round(0.1 * (getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)))
+    assert f"expert down {k} cols (1 run) ×4" in text and f"expert up {k} rows (1 run) ×4" in text  # all 4 experts
 
 
 def test_table_names_what_is_trained(capsys):

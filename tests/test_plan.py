@@ -13,6 +13,7 @@ from tiny_models import assert_same, state, tiny_llama
 from benchmarks.lora_match import matched_lora_rank
 from benchmarks.tiny_models import SUPPORTED_TINY, tiny_model
 from surgery.analyze import analyze
+from surgery.linear import resolve_linear, split_expert_name
 from surgery.permute import IllegalPermutation
 from surgery.plan import PlanError, S2Plan
 from surgery.planner import applied_plan_id, apply_plan, make_plan, plan_id
@@ -23,9 +24,11 @@ RATIOS = dict(o_ratio=0.5, v_ratio=0.5, u_ratio=0.1, d_ratio=0.1)
 def assert_slices_match(plan: S2Plan, permuted: torch.nn.Module, original: dict[str, torch.Tensor]) -> None:
     """Every trained block of the permuted model holds the original features ``slice.original``."""
     for sl in plan.slices:
-        w = permuted.get_submodule(sl.module).weight.detach()
-        w0 = original[f"{sl.module}.weight"]
-        conv1d = type(permuted.get_submodule(sl.module)).__name__ == "Conv1D"  # stored (in, out)
+        lin = resolve_linear(permuted, sl.module)
+        w = lin.weight.detach()
+        split = split_expert_name(sl.module)  # an expert: its slice of the 3-D parameter
+        w0 = original[f"{sl.module}.weight"] if split is None else original[f"{split[0]}.{split[1]}"][split[2]]
+        conv1d = type(lin).__name__ == "Conv1D"  # stored (in, out)
         axis = (1 if sl.feature == "in" else 0) ^ int(conv1d)
         assert torch.equal(
             w.index_select(axis, torch.tensor(sl.positions())),

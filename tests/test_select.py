@@ -57,6 +57,18 @@ def test_global_allocation_total_and_determinism():
     assert sum(len(r["down"]) for r in a.values()) == math.floor(0.1 * total + 0.5)
 
 
+def test_global_allocation_spreads_one_budget_over_every_expert():
+    model = tiny_model("mixtral")
+    s = analyze(model)
+    a = select(model, s, d_ratio=0.1, allocation="global", seed=3)
+    experts = [c for c in s.by_kind("ffn") if ".experts." in c.name]
+    assert len(experts) == 2 * 4  # every expert of both layers is one coupling
+    assert sum(len(r["down"]) for r in a.values()) == math.floor(0.1 * sum(c.size for c in experts) + 0.5)
+    counts = [len(a.get(c.name, {}).get("down", [])) for c in experts]
+    assert len(set(counts)) > 1  # spread by one draw over all experts, not an even share each
+    assert a == select(model, s, d_ratio=0.1, allocation="global", seed=3)
+
+
 def test_weight_strategy_matches_column_norms_and_variants():
     model = tiny_llama()
     s = analyze(model)
@@ -100,13 +112,20 @@ def test_gradient_strategy_follows_gradient_magnitude():
     assert sel["model.layers.1.mlp"]["down"] == sorted(torch.argsort(g, descending=True)[:5].tolist())
 
 
-def test_moe_shared_expert_is_selectable_and_3d_experts_are_not_sliced():
+def test_moe_experts_are_selected_per_expert_with_weight_or_gradient_scores():
     model = tiny_model("qwen2_moe")
     s = analyze(model)
-    sel = select(model, s, d_ratio=0.1)
-    assert all("shared_expert" in name for name in sel)
-    with pytest.raises(SelectionError, match="no sliceable 'up'"):
-        select(tiny_model("mixtral"), analyze(tiny_model("mixtral")), u_ratio=0.1)
+    sel = select(model, s, d_ratio=0.25)
+    experts = [n for n in sel if ".experts." in n]
+    assert len(experts) == 2 * 4 and any("shared_expert" in n for n in sel)  # every expert of both layers
+    assert all(len(sel[n]["down"]) == 6 for n in experts)  # even budget: 25% of 24 channels per expert
+    weighted = select(model, s, d_ratio=0.25, strategy="weight")
+    w = model.get_parameter("model.layers.0.mlp.experts.down_proj")[2].pow(2).sum(0)  # column norms, expert 2
+    assert weighted["model.layers.0.mlp.experts.2"]["down"] == sorted(torch.argsort(w, descending=True)[:6].tolist())
+    cal = [torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))]
+    assert select(model, s, d_ratio=0.25, strategy="gradient", calibration=cal).keys() == sel.keys()
+    with pytest.raises(SelectionError, match="MoE expert weights .* run inside one experts module"):
+        select(model, s, d_ratio=0.25, strategy="activation", calibration=cal)
 
 
 @pytest.mark.parametrize(

@@ -60,3 +60,17 @@ def save_tiny_llama(folder: Path, *, max_position_embeddings: int = 64) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def save_tiny_moe(folder: Path, model_type: str = "qwen3_moe") -> Path:
+    """Write a random-init tiny MoE causal LM (4 experts, top 2) plus the tiny tokenizer to ``folder``."""
+    from benchmarks.tiny_models import tiny_model
+
+    tok = build_tiny_tokenizer()
+    model = tiny_model(
+        model_type, vocab_size=len(tok), max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=None,
+    )  # fmt: skip
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

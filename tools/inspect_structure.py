@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
 
 from surgery.analyze import StructureError, analyze
 from surgery.config import SelectionConfig, SelectionError, add_arguments, from_namespace
-from surgery.linear import linear_shape
+from surgery.linear import linear_shape, split_expert_name
 from surgery.plan import PlanError, S2Plan
 from surgery.planner import apply_plan, make_plan, slice_weight_count
 from surgery.structures import ModelStructures
@@ -73,9 +73,10 @@ def audit(model: nn.Module, args: argparse.Namespace) -> dict:
         layer = next((layer_of[c] for c in layer_of if s.module.startswith(c + ".")), -1)
         axis = "cols" if s.feature == "in" else "rows"
         runs = f"{len(s.runs)} runs" if len(s.runs) > 1 else "1 run"
-        per_layer[layer]["trains"].append(f"{s.role} {s.numel_features} {axis} ({runs})")
+        role = f"expert {s.role}" if split_expert_name(s.module) else s.role
+        per_layer[layer]["trains"].append(f"{role} {s.numel_features} {axis} ({runs})")
     for c in structures.couplings:
-        desc = f"{c.kind}[{c.size}]"
+        desc = f"{'expert ' if c.parent else ''}{c.kind}[{c.size}]"
         if c.kind == "heads":
             desc = f"heads[{c.size}q/{c.num_groups}kv d={c.head_dim}{' rope' if c.rope else ''}]"
         per_layer[c.layer]["couplings"].append(desc)
@@ -99,11 +100,17 @@ def audit(model: nn.Module, args: argparse.Namespace) -> dict:
     }
 
 
+def _collapse(items: list[str]) -> str:
+    """``a, b ×4`` for a list with repeats (per-expert entries), in first-seen order."""
+    counts = Counter(items)
+    return ", ".join(f"{x} ×{counts[x]}" if counts[x] > 1 else x for x in dict.fromkeys(items))
+
+
 def print_table(r: dict) -> None:
     print(f"model_type {r['model_type']}  layers {r['layers']}  couplings {r['couplings']}")
     print(f"{'layer':>5}  {'couplings':<48} trains")
     for layer, v in r["per_layer"].items():
-        print(f"{layer:>5}  {', '.join(v['couplings']):<48} {', '.join(v['trains']) or '-'}")
+        print(f"{layer:>5}  {_collapse(v['couplings']):<48} {_collapse(v['trains']) or '-'}")
     print(
         f"trainable {r['trainable_params']:,} of {r['total_params']:,} ({100 * r['trainable_fraction']:.3f}%)"
         f"  = LoRA rank {r['lora_rank_equivalent']:.1f} on q,k,v,up,down"

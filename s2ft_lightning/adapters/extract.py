@@ -87,7 +87,8 @@ def extract_adapter(
     the frozen base values under it. Several slices of one module and feature (e.g. GQA runs split over
     slices) become one block.
     """
-    from s2ft_lightning.layers import S2Linear
+    from s2ft_lightning.experts import ExpertBlocks
+    from s2ft_lightning.layers import DeltaBlocks
 
     parts: dict[tuple[str, str], list[BlockDelta]] = {}
     shapes, kinds = {}, {}
@@ -96,9 +97,9 @@ def extract_adapter(
             wrapper = model.get_submodule(s.module)
         except AttributeError as e:
             raise AdapterError(f"plan module {s.module!r} is not in the model") from e
-        if not isinstance(wrapper, S2Linear):
+        if not isinstance(wrapper, DeltaBlocks):
             raise AdapterError(
-                f"module {s.module!r} is a {type(wrapper).__name__}, not an installed S2Linear; extract from "
+                f"module {s.module!r} is a {type(wrapper).__name__}, not an installed S2 layer; extract from "
                 "the model prepared with this plan (before uninstall), or use diff_adapter on plain models"
             )
         match = [i for i, t in enumerate(wrapper.slices) if t.feature == s.feature and list(t.runs) == list(s.runs)]
@@ -106,7 +107,8 @@ def extract_adapter(
             raise AdapterError(f"the S2 wrapper of {s.module!r} has no block for slice runs {s.runs}; wrong plan?")
         i = match[0]
         shapes[s.module] = (wrapper.out_features, wrapper.in_features)
-        kinds[s.module] = "conv1d" if wrapper.transposed else "linear"
+        kind = "conv1d" if wrapper.transposed else "linear"
+        kinds[s.module] = "expert" if isinstance(wrapper, ExpertBlocks) else kind
         delta, base = full(wrapper.deltas[i]), wrapper.base_block(i)  # collectives when sharded
         parts.setdefault((s.module, s.feature), []).append(block_delta(s.module, s.feature, s.original, delta, base))
     blocks = []

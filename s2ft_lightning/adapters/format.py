@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from surgery.linear import is_conv1d, logical_weight
+from surgery.linear import ExpertLinear, is_conv1d, logical_weight, resolve_linear
 from surgery.plan import model_fingerprint
 
 Feature = Literal["in", "out"]
@@ -25,21 +25,25 @@ class AdapterError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- tensors
-def module_kind(module: torch.nn.Module) -> str:
-    """``"linear"`` or ``"conv1d"`` (weight stored ``[in, out]``); anything else is refused."""
+def module_kind(module: torch.nn.Module | ExpertLinear) -> str:
+    """``"linear"``, ``"conv1d"`` (weight stored ``[in, out]``) or ``"expert"`` (one expert of a 3-D MoE
+    weight); anything else is refused."""
     if is_conv1d(module):
         return "conv1d"
     if isinstance(module, torch.nn.Linear):
         return "linear"
+    if isinstance(module, ExpertLinear):
+        return "expert"
     raise AdapterError(
         f"module of type {type(module).__name__} is not nn.Linear or transformers Conv1D; adapters apply to "
         "stock models only (call s2ft_lightning.layers.uninstall first if S2 wrappers are installed)"
     )
 
 
-def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module | ExpertLinear:
+    """The module ``name`` of ``model`` (an `ExpertLinear` for ``"<experts>.<param>[e]"``), or an AdapterError."""
     try:
-        return model.get_submodule(name)
+        return resolve_linear(model, name)
     except AttributeError as e:
         raise AdapterError(f"the model has no module {name!r}; was this adapter made for another model?") from e
 
@@ -104,7 +108,7 @@ class Adapter:
     blocks: list[BlockDelta]
     base_fingerprint: str
     module_shapes: dict[str, tuple[int, int]]  # logical (out, in)
-    module_kinds: dict[str, str]  # "linear" | "conv1d"
+    module_kinds: dict[str, str]  # "linear" | "conv1d" | "expert"
     base_model: str | None = None
     name: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -169,9 +173,9 @@ def base_block(model: torch.nn.Module, module: str, feature: str, idx: torch.Ten
 
 
 def _has_s2_wrappers(model: torch.nn.Module) -> bool:
-    from s2ft_lightning.layers import S2Linear
+    from s2ft_lightning.layers import installed
 
-    return any(isinstance(m, S2Linear) for m in model.modules())
+    return bool(installed(model))
 
 
 def check_base(model: torch.nn.Module, adapter: Adapter, read=None) -> None:

@@ -93,6 +93,12 @@ def export_peft_lora(
 
     ``max_rank`` refuses an adapter whose largest per-module rank is above it (many LoRA servers cap ranks).
     """
+    experts = [m for m, k in adapter.module_kinds.items() if k == "expert"]
+    if experts:
+        raise AdapterError(
+            f"the adapter trains MoE expert weights ({experts[0]}, ...); exporting those as PEFT LoRA is not "
+            "supported yet: serve it with MultiAdapterModel or merge it into the base (s2ft adapter merge)"
+        )
     factors = lora_factors(adapter)
     ranks = {m: a.shape[0] for m, (a, _) in factors.items()}
     if max_rank is not None and max(ranks.values()) > max_rank:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from s2ft_lightning.adapters.format import Adapter, AdapterError, check_base, get_module, module_kind
-from surgery.linear import logical_weight
+from s2ft_lightning.experts import ExpertDeltas, expert_correction
+from surgery.linear import logical_weight, split_expert_name
 
 
 class PackedBlocks:
@@ -93,6 +94,33 @@ def block_term_triton(y: torch.Tensor, x: torch.Tensor, aid: torch.Tensor, p: Pa
     return fn(y, x, aid, p.idx, p.delta, p.kcnt)
 
 
+def adapter_expert_deltas(
+    adapter: Adapter, owner_name: str, owner: nn.Module, device: torch.device
+) -> dict[int, ExpertDeltas]:
+    """Per expert of experts module ``owner_name``: the adapter's Down columns and Up rows (stock channels)."""
+    width = owner.down_proj.shape[2]
+    parts: dict[int, dict[str, torch.Tensor]] = {}
+    for b in adapter.blocks:
+        split = split_expert_name(b.module)
+        if split is None or split[0] != owner_name:
+            continue
+        _, param, e = split
+        idx = torch.tensor(b.indices, dtype=torch.long, device=device)
+        delta = b.delta.to(device)
+        if param == "down_proj" and b.feature == "in":
+            parts.setdefault(e, {}).update(down_ch=idx, down=delta)
+        elif param == "gate_up_proj" and b.feature == "out" and bool((idx >= width).all()):
+            parts.setdefault(e, {}).update(up_ch=idx - width, up=delta)
+        elif param == "up_proj" and b.feature == "out":
+            parts.setdefault(e, {}).update(up_ch=idx, up=delta)
+        else:
+            raise AdapterError(
+                f"{b.module} ({b.feature} features): only Down columns and Up rows of experts can be served "
+                "side by side; merge this adapter (merge_adapter / AdapterBank) instead"
+            )
+    return {e: ExpertDeltas(p.get("down_ch"), p.get("down"), p.get("up_ch"), p.get("up")) for e, p in parts.items()}
+
+
 class MultiAdapterModel(nn.Module):
     """Serve many adapters at once over one unmerged base; pick one adapter per batch row.
 
@@ -118,9 +146,15 @@ class MultiAdapterModel(nn.Module):
                 except AdapterError as e:
                     raise AdapterError(f"adapter {n!r}: {e}") from e
         self._packed: dict[str, list[PackedBlocks]] = {}
+        self._experts: dict[str, list[dict[int, ExpertDeltas]]] = {}  # experts module -> per adapter
         for module in sorted({m for a in items for m in a.modules}):
             mod = get_module(model, module)
-            module_kind(mod)
+            if module_kind(mod) == "expert":
+                owner = module.rsplit(".", 1)[0]
+                if owner not in self._experts:
+                    dev = logical_weight(mod).device
+                    self._experts[owner] = [adapter_expert_deltas(a, owner, mod.owner, dev) for a in items]
+                continue
             w = logical_weight(mod)
             feats = [f for f in ("in", "out") if any(a.block(module, f) is not None for a in items)]
             self._packed[module] = [PackedBlocks(f, items, module, tuple(w.shape), w.device) for f in feats]
@@ -130,6 +164,9 @@ class MultiAdapterModel(nn.Module):
         self._identity = False
         self._triton: dict[torch.device, bool] = {}  # backend per device, resolved once per `use`
         self._hooks = [get_module(model, m).register_forward_hook(self._hook(m)) for m in self._packed]
+        self._hooks += [
+            model.get_submodule(m).register_forward_hook(self._experts_hook(m), with_kwargs=True) for m in self._experts
+        ]
 
     def _backend(self, device: torch.device) -> str:
         if self.backend != "auto":
@@ -149,13 +186,16 @@ class MultiAdapterModel(nn.Module):
             if not used:
                 return None
             x = args[0]
-            squeeze = x.dim() == 2
-            if squeeze:
-                x, output = x[:, None], output[:, None]
-            if x.shape[0] != self._slots.shape[0]:
+            rows = self._slots.shape[0]
+            flat = x.shape if x.dim() == 2 else None
+            if flat is not None:  # (rows·T, features): token-flattened in row order, as MoE blocks do
+                if flat[0] % rows:
+                    raise RuntimeError(f"{module}: {flat[0]} flattened tokens do not split into {rows} batch rows")
+                x, output = x.view(rows, flat[0] // rows, -1), output.view(rows, flat[0] // rows, -1)
+            if x.shape[0] != rows:
                 raise RuntimeError(
-                    f"{module}: input batch {x.shape[0]} != {self._slots.shape[0]} adapter names; "
-                    "modules that flatten or reorder the batch (e.g. MoE experts) cannot be served per row"
+                    f"{module}: input batch {x.shape[0]} != {rows} adapter names; "
+                    "modules that reorder the batch cannot be served per row"
                 )
             use_triton = self._triton.get(x.device)
             if use_triton is None:
@@ -174,7 +214,30 @@ class MultiAdapterModel(nn.Module):
                     y = block_term_triton(y, x, self._aid, p)
                 else:
                     y = block_term_torch(y, x, self._slots, p, self._identity)
-            return y[:, 0] if squeeze else y
+            return y.reshape(flat[0], -1) if flat is not None else y
+
+        return hook
+
+    def _experts_hook(self, module: str):
+        per_adapter = self._experts[module]
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+            used = [a for a in self._active if per_adapter[a]] if self._slots is not None else []
+            if not used:
+                return None
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            hidden, index, weights = (*args, *(kwargs[n] for n in names[len(args) :]))
+            rows = self._slots.shape[0]
+            if hidden.shape[0] % rows:
+                raise RuntimeError(f"{module}: {hidden.shape[0]} tokens do not split into {rows} batch rows")
+            token_slot = self._slots.repeat_interleave(hidden.shape[0] // rows)  # experts see (rows·T, H)
+            out = output
+            for a in used:
+                sel = (token_slot == a).nonzero()[:, 0]
+                if sel.numel():
+                    part = expert_correction(mod, hidden[sel], index[sel], weights[sel], per_adapter[a])
+                    out = out.index_add(0, sel, part.to(out.dtype))
+            return out
 
         return hook
 
