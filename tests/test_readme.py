@@ -92,7 +92,9 @@ def _check_exported_lora(run: Path) -> None:
     served = PeftModel.from_pretrained(base(), run / "lora").eval()
     ids = torch.arange(1, 33)[None]
     with torch.no_grad():
-        torch.testing.assert_close(served(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-4, rtol=0)
+        got, want = served(input_ids=ids).logits, ours(input_ids=ids).logits
+    # fp32 rounding only: PEFT adds x·Aᵀ·Bᵀ beside the base matmul, the merge adds Δ into W first (30 layers deep)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max() * 30
 
 
 def _umask() -> int:

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="torch", help="S2FT serving path")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is stable on a shared machine)")
-    p.add_argument("--out", default=None, help="default: benchmarks/results/adapters_<device>.json")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/adapters_<device>[_bf16].json")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
@@ -339,7 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"PEFT serving the exported adapters vs S2FT serving them: max |dlogits| = "
           f"{sv['peft_exported_vs_s2ft_max_abs_err']:.2e}")  # fmt: skip
     print(f"load average (1/5/15 min) at start {load_start}, at end {machine['loadavg_1_5_15']}")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"adapters_{torch.device(args.device).type}.json")
+    suffix = "_bf16" if args.dtype == "bfloat16" else ""
+    default = ROOT / "benchmarks" / "results" / f"adapters_{torch.device(args.device).type}{suffix}.json"
+    out = Path(args.out or default)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
