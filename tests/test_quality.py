@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import shutil
 import statistics
 import sys
 import tarfile
@@ -266,6 +267,21 @@ def test_sweep_smoke_resumes_and_writes_the_fronts(tiny, tmp_path, monkeypatch, 
     assert sw.main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("reusing") == len(runs) + 1 and "running" not in printed
+    # While a sweep runs, `report --from-jobs` rebuilds pareto.json from the finished jobs, marked unfinished;
+    # a job folder that is not what today's settings would run (here a copy under another name) is left out.
+    jobs = out / "sweep" / "jobs"
+    first = next(p.parent for p in sorted(jobs.glob("s2ft_*/result.json")))
+    shutil.copytree(first, jobs / (first.name[:-1] + "7"))
+    report = ["report", "--from-jobs", "--smoke", "--model", str(tiny), "--bigbench", str(sdist), "--out", str(out)]
+    assert sw.main(report) == 0
+    rebuilt = json.loads((out / "pareto.json").read_text())
+    assert data["complete"] is True and rebuilt["complete"] is False
+
+    def key(r):
+        return r["arm"], r["variant"], r["lr"], r["steps"], r["seed"]
+
+    assert sorted(map(key, rebuilt["runs"])) == sorted(map(key, runs))
+    assert f"UNFINISHED SWEEP: {len(runs)} runs" in (out / "pareto.md").read_text()
 
 
 def _load_tool(name: str):

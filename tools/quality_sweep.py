@@ -2,7 +2,7 @@
 
     python tools/quality_sweep.py run [--phases grid long variants] [--bigbench SDIST | --fetch-bigbench]
                                       [--out DIR] [--smoke] [--model M] [--in-process]
-    python tools/quality_sweep.py report [--out DIR]          -> pareto.json, pareto.md, pareto.png
+    python tools/quality_sweep.py report [--out DIR] [--from-jobs --bigbench SDIST]  -> pareto.md, pareto.png
 
 configs/quality/sweep.yaml (over study.yaml's task, data, schedule and evaluation) sets three phases:
 ``grid`` trains every arm at each lr of its grid x seed at the short budget; ``long`` reruns each arm's best lrs
@@ -142,7 +142,8 @@ def _base_eval(study: dict, out: Path, in_process: bool) -> dict:
     return qs.execute(spec, out, in_process, name="base")
 
 
-def run_sweep(args: argparse.Namespace) -> None:
+def settings(args: argparse.Namespace) -> tuple[dict, dict, dict[str, dict]]:
+    """(study, sweep, arms) as the run uses them: the forgetting tasks extracted from the BIG-bench sdist."""
     from benchmarks.quality import extract_task, fetch_bigbench_sdist
 
     study, sweep, arms = load_sweep(Path(args.config_dir), args.smoke)
@@ -152,6 +153,36 @@ def run_sweep(args: argparse.Namespace) -> None:
     study["mc_tasks"] = {t: str(extract_task(sdist, t)) for t in sweep["forgetting"]["tasks"]}
     study["eval"]["mc_max_items"] = sweep["forgetting"]["max_items_per_task"]
     study["gk_path"] = None  # general_knowledge is one of the pooled tasks
+    return study, sweep, arms
+
+
+def finished_runs(args: argparse.Namespace) -> tuple[dict, dict, dict, list[dict]]:
+    """(study, sweep, base result, finished run results) read from the job folders of an unfinished sweep.
+
+    A result counts only if it is the job today's settings would run (same key), so stale jobs are left out.
+    """
+    study, sweep, arms = settings(args)
+    out = Path(args.out) / "sweep"
+    base_file = out / "jobs" / "base" / "result.json"
+    if not base_file.is_file():
+        raise FileNotFoundError(f"{base_file} does not exist: the sweep has not evaluated the base model yet")
+    overrides = {**sweep["variants"]["strategies"], **sweep["variants"]["components"]}
+    results = []
+    for f in sorted((out / "jobs").glob("*/result.json")):
+        r = json.loads(f.read_text())
+        spec = r["spec"]
+        if f.parent.name == "base" or spec.get("arm") not in arms:
+            continue
+        variant = spec.get("variant", "base")
+        name, want = job(study, spec["arm"], arms[spec["arm"]], lr=spec["lr"], seed=spec["seed"],
+                         steps=spec["steps"], variant=variant, s2=overrides.get(variant))  # fmt: skip
+        if name == f.parent.name and r.get("key") == qs._job_key({**want, "job_dir": str(f.parent)}):
+            results.append(r)
+    return study, sweep, json.loads(base_file.read_text()), results
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    study, sweep, arms = settings(args)
     out = Path(args.out) / "sweep"
     base = _base_eval(study, out, args.in_process)
     seeds, results = sweep["seeds"], []
@@ -163,11 +194,11 @@ def run_sweep(args: argparse.Namespace) -> None:
         return res
 
     grid = sweep["grid"]
-    if "grid" in args.phases:
-        for arm, cfg in arms.items():
-            for lr in grid["lrs"][arm]:
-                for s in seeds:
-                    run(job(study, arm, cfg, lr=lr, seed=s, steps=grid["steps"]))
+    if "grid" in args.phases:  # seed by seed over every arm, so an unfinished grid already compares the arms
+        for s in seeds:
+            for i in range(len(next(iter(grid["lrs"].values())))):
+                for arm, cfg in arms.items():
+                    run(job(study, arm, cfg, lr=grid["lrs"][arm][i], seed=s, steps=grid["steps"]))
     if "long" in args.phases:
         for arm, cfg in arms.items():
             pts = [p for p in points([record(r, base) for r in results]) if p["arm"] == arm]
@@ -181,7 +212,7 @@ def run_sweep(args: argparse.Namespace) -> None:
             for name, s2 in sweep["variants"][group].items():
                 for s in seeds:
                     run(job(study, "s2ft", arms["s2ft"], lr=at["lr"], seed=s, steps=at["steps"], variant=name, s2=s2))
-    write_pareto(Path(args.out), study, sweep, base, results, args.smoke)
+    write_pareto(Path(args.out), study, sweep, base, results, args.smoke, complete=True)
 
 
 def _top_lrs(pts: list[dict], steps: int, k: int) -> list[float]:
@@ -192,7 +223,9 @@ def _top_lrs(pts: list[dict], steps: int, k: int) -> list[float]:
     return [p["lr"] for p in ranked[:k]]
 
 
-def write_pareto(out: Path, study: dict, sweep: dict, base: dict, results: list[dict], smoke: bool) -> dict:
+def write_pareto(
+    out: Path, study: dict, sweep: dict, base: dict, results: list[dict], smoke: bool, complete: bool
+) -> dict:
     """pareto.json (every run, points, fronts, recommendation), then pareto.md and pareto.png from it."""
     from benchmarks.sysinfo import describe
 
@@ -203,6 +236,7 @@ def write_pareto(out: Path, study: dict, sweep: dict, base: dict, results: list[
     data = {
         "schema": SCHEMA,
         "smoke": smoke,
+        "complete": complete,  # False: written by `report --from-jobs` while the sweep still runs
         "system": describe(),
         "settings": {k: v for k, v in study.items() if k not in ("seeds", "smoke")} | {"sweep": sweep},
         "base": {
@@ -244,7 +278,12 @@ def markdown(data: dict) -> str:
         f"{b['mc_items']} items ("
         + ", ".join(f"{t} {100 * v['acc']:.1f}% of {v['n']}" for t, v in b["mc"].items())
         + f"), held-out ppl {b['ppl']:.2f}."
-        + (" SMOKE RUN: sizes are tiny, numbers mean nothing." if data.get("smoke") else ""),
+        + (" SMOKE RUN: sizes are tiny, numbers mean nothing." if data.get("smoke") else "")
+        + (
+            ""
+            if data.get("complete", True)
+            else f" UNFINISHED SWEEP: {len(data['runs'])} runs so far; fronts and best points may still move."
+        ),
         "",
         "Forgetting Δ = pooled MC accuracy minus the base's (pp; negative = forgot); mean ± sample std over seeds.",
         "",
@@ -321,22 +360,35 @@ def write_report(out: Path) -> str:
     return md
 
 
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    """The options that decide every job's spec (shared by `run` and `report --from-jobs`)."""
+    p.add_argument("--model", help="model folder/.gguf/alias (default: study.yaml, demo:smollm2)")
+    p.add_argument("--bigbench", help="bigbench-1.0.0.tar.gz sdist (default: fetch it once into the cache)")
+    p.add_argument("--config-dir", default=str(REPO / "configs" / "quality"), help="sweep.yaml and the arm configs")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (sweep.yaml `smoke`): a pipeline check")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"), help="results folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run (or resume) the sweep, then write pareto.json/md/png")
-    r.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
-    r.add_argument("--model", help="model folder/.gguf/alias (default: study.yaml, demo:smollm2)")
-    r.add_argument("--bigbench", help="bigbench-1.0.0.tar.gz sdist (default: fetch it once into the cache)")
-    r.add_argument("--config-dir", default=str(REPO / "configs" / "quality"))
-    r.add_argument("--smoke", action="store_true", help="tiny sizes (sweep.yaml `smoke`): a pipeline check")
+    _settings_args(r)
+    r.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES, help="phases to run, in order")
     r.add_argument("--in-process", action="store_true", help="no subprocess per run (peak RSS not isolated)")
-    r.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
     rep = sub.add_parser("report", help="pareto.md + pareto.png from <out>/pareto.json")
-    rep.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
+    _settings_args(rep)
+    rep.add_argument(
+        "--from-jobs",
+        action="store_true",
+        help="first rebuild pareto.json from the runs finished so far (an unfinished or still running sweep)",
+    )
     args = p.parse_args(argv)
     if args.cmd == "run":
         run_sweep(args)
+    elif args.from_jobs:
+        study, sweep, base, results = finished_runs(args)
+        write_pareto(Path(args.out), study, sweep, base, results, args.smoke, complete=False)
     print(write_report(Path(args.out)))
     return 0
 
