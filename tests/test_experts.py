@@ -77,10 +77,15 @@ def test_expert_block_gradients_equal_masked_full_fine_tuning(model_type, impl):
     assert frozen and all(p.grad is None for p in frozen)
 
 
-def test_global_budget_trains_uneven_experts_exactly():
-    """allocation='global' gives experts different channel counts; each still trains exactly."""
+def test_global_budget_trains_uneven_experts_exactly(tmp_path):
+    """allocation='global' gives experts different channel counts; each still trains exactly, and the PEFT
+    LoRA export zero-pads the smaller experts to the tensor's shared rank."""
+    from peft import PeftModel
+
+    from s2ft_lightning.adapters import export_peft_lora
+
     model = _moe("mixtral")
-    prepare_model(model, S2Config(d_ratio=0.1, allocation="global", seed=3))
+    plan = prepare_model(model, S2Config(d_ratio=0.1, allocation="global", seed=3))
     counts = {}
     for name, blocks in layers.installed(model).items():
         if ".experts." in name:
@@ -97,6 +102,13 @@ def test_global_budget_trains_uneven_experts_exactly():
     model(input_ids=IDS, labels=IDS).loss.backward()
     reference(input_ids=IDS, labels=IDS).loss.backward()
     assert _block_grads_match(model, reference) <= 1e-5
+    ranks = export_peft_lora(extract_adapter(model, plan), tmp_path / "lora")
+    assert ranks["model.layers.0.mlp.experts.down_proj"] == max(
+        counts[f"model.layers.0.mlp.experts.down_proj[{e}]"] for e in range(4)
+    )
+    served = PeftModel.from_pretrained(_moe("mixtral"), tmp_path / "lora").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=IDS).logits, model(input_ids=IDS).logits, atol=1e-5, rtol=0)
 
 
 def test_an_expert_no_token_reaches_gets_no_update_and_the_rest_stay_exact():
@@ -250,11 +262,63 @@ def test_an_installed_moe_model_pickles_and_deep_copies():
             torch.testing.assert_close(clone(input_ids=IDS).logits, want, atol=0, rtol=0)
 
 
-def test_lora_export_refuses_expert_adapters_and_says_what_to_do(tmp_path):
+@pytest.mark.parametrize("model_type", MOE)
+def test_expert_adapters_export_as_peft_lora_on_the_3d_parameters(model_type, tmp_path):
+    """PEFT's target_parameters LoRA serves the exported experts (beside o_proj, and the shared expert)."""
+    from peft import PeftModel
+
+    from s2ft_lightning.adapters import export_peft_lora
+
+    model, plan = _prepared(model_type)
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+    adapter = extract_adapter(model, plan, name="moe")
+    ranks = export_peft_lora(adapter, tmp_path / "lora")
+    assert ranks["model.layers.0.mlp.experts.down_proj"] == max(
+        len(b.indices) for b in adapter.blocks if b.module.startswith("model.layers.0.mlp.experts.down_proj[")
+    )
+    served = PeftModel.from_pretrained(_moe(model_type), tmp_path / "lora").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=IDS).logits, want, atol=1e-5, rtol=0)
+    merged = _moe(model_type)
+    merge_adapter(merged, adapter)
+    unloaded = served.merge_and_unload()
+    for n, p in merged.named_parameters():
+        torch.testing.assert_close(unloaded.get_parameter(n), p, atol=1e-6, rtol=0)
+    with pytest.raises(AdapterError, match="above --max-rank 1"):
+        export_peft_lora(adapter, tmp_path / "capped", max_rank=1)
+    assert not (tmp_path / "capped").exists()
+    # A second adapter side by side (PEFT wants the same target parameters; it has no mixed batches for them).
+    other, other_plan = _prepared(model_type, seed=5)
+    with torch.no_grad():
+        want_other = other(input_ids=IDS).logits
+    export_peft_lora(extract_adapter(other, other_plan), tmp_path / "other")
+    both = PeftModel.from_pretrained(_moe(model_type), tmp_path / "lora", adapter_name="a").eval()
+    both.load_adapter(tmp_path / "other", adapter_name="b")
+    with torch.no_grad():
+        for name, logits in (("a", want), ("b", want_other)):
+            both.set_adapter(name)
+            torch.testing.assert_close(both(input_ids=IDS).logits, logits, atol=1e-5, rtol=0)
+
+
+def test_lora_export_refuses_expert_parameters_it_cannot_place(tmp_path):
+    """PEFT nests one wrapper per 3-D parameter in declaration order: an unknown parameter name is refused."""
+    import dataclasses
+
     from s2ft_lightning.adapters import export_peft_lora
 
     model, plan = _prepared("mixtral")
-    adapter = extract_adapter(model, plan, name="moe")
-    with pytest.raises(AdapterError, match="MoE expert weights .* MultiAdapterModel or merge it"):
-        export_peft_lora(adapter, tmp_path / "lora")
+    adapter = extract_adapter(model, plan)
+
+    def rename(m: str) -> str:
+        return m.replace("experts.gate_up_proj[", "experts.w13[")
+
+    renamed = dataclasses.replace(
+        adapter,
+        blocks=[dataclasses.replace(b, module=rename(b.module)) for b in adapter.blocks],
+        module_shapes={rename(m): s for m, s in adapter.module_shapes.items()},
+        module_kinds={rename(m): k for m, k in adapter.module_kinds.items()},
+    )
+    with pytest.raises(AdapterError, match="knows the expert parameters .* MultiAdapterModel or merge it"):
+        export_peft_lora(renamed, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()

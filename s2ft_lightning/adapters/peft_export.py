@@ -8,6 +8,10 @@ columns. With ``lora_alpha = r`` (scaling 1) the LoRA forward computes exactly t
 original index space. GPT-2 Conv1D bases get ``fan_in_fan_out``; fused modules (``qkv_proj``, ``gate_up_proj``,
 ``c_attn``) need nothing special: the indices already address the fused weight. The directory is PEFT's:
 ``adapter_config.json`` (per-module ranks in ``rank_pattern``/``alpha_pattern``) + ``adapter_model.safetensors``.
+
+MoE experts stored as 3-D tensors ``[E, out, in]`` become PEFT ``target_parameters``: one LoRA per tensor with
+a rank r shared by its experts (the largest expert's block, the others zero-padded). PEFT reads ``lora_A``
+``(E·r, in)`` as ``[E, r, in]`` (expert-major) but ``lora_B`` ``(out, r·E)`` as ``[out, r, E]`` (expert-minor).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from s2ft_lightning.adapters.format import Adapter, AdapterError, BlockDelta
 from s2ft_lightning.atomic import atomic_directory
+from surgery.linear import split_expert_name
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -41,27 +46,73 @@ def _factors(b: BlockDelta, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.
     return b.delta.float(), e
 
 
-def lora_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per module: (lora_A ``(r, in)``, lora_B ``(out, r)``) with ``lora_B @ lora_A`` the adapter's update."""
-    adapter.validate()
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def _module_factors(adapter: Adapter, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out_f, in_f = adapter.module_shapes[module]
+    parts = [_factors(b, out_f, in_f) for b in adapter.blocks if b.module == module]
+    return torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1)
+
+
+def _expert_params(adapter: Adapter) -> dict[str, dict[int, str]]:
+    """``{"<experts>.<param>": {expert index: adapter module}}`` of the adapter's MoE expert blocks."""
+    out: dict[str, dict[int, str]] = {}
     for module in adapter.modules:
-        out_f, in_f = adapter.module_shapes[module]
-        parts = [_factors(b, out_f, in_f) for b in adapter.blocks if b.module == module]
-        out[module] = (
-            torch.cat([a for a, _ in parts], 0).contiguous(),
-            torch.cat([b for _, b in parts], 1).contiguous(),
-        )
+        if adapter.module_kinds[module] == "expert":
+            owner, param, e = split_expert_name(module)
+            out.setdefault(f"{owner}.{param}", {})[e] = module
+    return out
+
+
+def lora_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module: (lora_A ``(r, in)``, lora_B ``(out, r)``) with ``lora_B @ lora_A`` the adapter's update.
+
+    Experts are keyed by their 3-D parameter (``<experts>.<param>``), in PEFT's layout for it (module docstring).
+    """
+    adapter.validate()
+    out = {
+        m: tuple(t.contiguous() for t in _module_factors(adapter, m))
+        for m in adapter.modules
+        if adapter.module_kinds[m] != "expert"
+    }
+    for key, members in _expert_params(adapter).items():
+        per = {e: _module_factors(adapter, m) for e, m in members.items()}
+        # Experts are counted up to the highest trained index: a base with more experts refuses the file's
+        # shapes when PEFT loads it, it cannot mis-assign them.
+        n, r = max(per) + 1, max(a.shape[0] for a, _ in per.values())
+        out_f, in_f = adapter.module_shapes[members[max(per)]]
+        a3, b3 = torch.zeros(n, r, in_f), torch.zeros(out_f, r, n)
+        for e, (a, b) in per.items():
+            a3[e, : a.shape[0]] = a
+            b3[:, : b.shape[1], e] = b
+        out[key] = (a3.reshape(n * r, in_f), b3.reshape(out_f, r * n))
+    return out
+
+
+# Declaration order of the 3-D parameters in transformers' experts modules. PEFT wraps a module once per
+# targeted parameter in this order, each wrapper around the last, so the first is the innermost and its keys
+# carry one ``base_layer.`` per parameter wrapped after it.
+_EXPERT_PARAM_ORDER = ("gate_up_proj", "down_proj")
+
+
+def _peft_keys(keys: list[str], expert_params: list[str]) -> dict[str, str]:
+    """The module path PEFT stores each key's factors under (a linear's name, or a nested ParamWrapper's)."""
+    out = {k: k for k in keys}
+    for key in expert_params:
+        owner, _, param = key.rpartition(".")
+        wrapped_after = [p for p in _EXPERT_PARAM_ORDER[_EXPERT_PARAM_ORDER.index(param) + 1 :]
+                         if f"{owner}.{p}" in expert_params]  # fmt: skip
+        out[key] = owner + ".base_layer" * len(wrapped_after)
     return out
 
 
 def peft_lora_config(adapter: Adapter, ranks: dict[str, int], task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:
     """PEFT's LoraConfig fields for these per-module ranks (alpha = rank: LoRA scaling 1)."""
     kinds = set(adapter.module_kinds.values())
-    if kinds == {"linear", "conv1d"}:
+    if {"linear", "conv1d"} <= kinds:
         raise AdapterError("the adapter mixes Linear and Conv1D modules; PEFT's fan_in_fan_out is one setting for all")
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {re.escape(m): r for m, r in ranks.items() if r != common}
+    params = sorted(k for k in ranks if k not in adapter.module_kinds)  # 3-D expert parameters
+    modules = sorted(k for k in ranks if k in adapter.module_kinds)
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -70,7 +121,8 @@ def peft_lora_config(adapter: Adapter, ranks: dict[str, int], task_type: str | N
         "lora_alpha": common,
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
-        "target_modules": sorted(ranks),
+        "target_modules": modules or None,
+        "target_parameters": params or None,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": kinds == {"conv1d"},
@@ -93,14 +145,16 @@ def export_peft_lora(
 
     ``max_rank`` refuses an adapter whose largest per-module rank is above it (many LoRA servers cap ranks).
     """
-    experts = [m for m, k in adapter.module_kinds.items() if k == "expert"]
-    if experts:
-        raise AdapterError(
-            f"the adapter trains MoE expert weights ({experts[0]}, ...); exporting those as PEFT LoRA is not "
-            "supported yet: serve it with MultiAdapterModel or merge it into the base (s2ft adapter merge)"
-        )
+    experts = _expert_params(adapter)
+    for key in experts:
+        if key.rpartition(".")[2] not in _EXPERT_PARAM_ORDER:
+            raise AdapterError(
+                f"{key!r}: PEFT LoRA export knows the expert parameters {_EXPERT_PARAM_ORDER}, not this one; "
+                "serve this adapter with MultiAdapterModel or merge it into the base (s2ft adapter merge)"
+            )
     factors = lora_factors(adapter)
-    ranks = {m: a.shape[0] for m, (a, _) in factors.items()}
+    # lora_A of an expert parameter stacks (experts x rank) rows
+    ranks = {k: a.shape[0] // (max(experts[k]) + 1 if k in experts else 1) for k, (a, _) in factors.items()}
     if max_rank is not None and max(ranks.values()) > max_rank:
         worst = max(ranks, key=ranks.get)
         raise AdapterError(
@@ -111,9 +165,10 @@ def export_peft_lora(
     from safetensors.torch import save_file
 
     tensors = {}
-    for module, (a, b) in factors.items():
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = a
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = b
+    paths = _peft_keys(list(factors), list(experts))
+    for key, (a, b) in factors.items():
+        tensors[f"{PREFIX}{paths[key]}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{paths[key]}.lora_B.weight"] = b
     with atomic_directory(out_dir) as tmp:
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=1))
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
