@@ -53,6 +53,18 @@ def _submodule(pl_module: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+def _check_strategy(trainer: Any) -> None:
+    """Refuse Lightning's FSDPStrategy (FSDP1) before anything changes: its flat parameters hide the base values
+    the adapters and checkpoints gather, and it runs only on GPUs, where this path has never been tested."""
+    strategy = getattr(trainer, "strategy", None)
+    if type(strategy).__name__ == "FSDPStrategy":
+        raise ValueError(
+            "S²FT does not support Lightning's FSDPStrategy (FSDP1 flat parameters); shard with "
+            "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) instead (FSDP2: S²FT prepares the "
+            "model, then shards every decoder layer), or use strategy='ddp' when the model fits one device"
+        )
+
+
 class S2Attachment:
     """Prepares the ``submodule`` of a LightningModule with S²FT and owns its checkpoint format."""
 
@@ -88,6 +100,7 @@ class S2Attachment:
 
     def prepare(self, pl_module: nn.Module, trainer: Any = None, plan: S2Plan | None = None) -> S2Plan:
         """Prepare the target (idempotent) and hook the module's checkpointing; returns the applied plan."""
+        _check_strategy(trainer)
         target = self.target(pl_module)
         if plan is None and self.plan_path:
             plan = S2Plan.load(self.plan_path)

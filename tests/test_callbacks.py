@@ -73,3 +73,16 @@ def test_s2ft_callback_names_a_missing_submodule(tiny_llama_dir, tmp_path):
             user, datamodule=_dm(tiny_llama_dir)
         )
     assert all(p.requires_grad for p in user.parameters())  # untouched
+
+
+def test_fsdp1_strategy_is_refused_before_anything_changes(tiny_llama_dir):
+    """Lightning's FSDPStrategy runs only on GPUs, so the refusal is checked with its strategy object."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    user = UserLM(tiny_llama_dir)
+    before = {n: p.detach().clone() for n, p in user.named_parameters()}
+    with pytest.raises(ValueError, match="FSDPStrategy .*ModelParallelStrategy\\(data_parallel_size=N"):
+        S2FT(submodule="net", s2=S2Config(d_ratio=0.1)).setup(SimpleNamespace(strategy=FSDPStrategy()), user, "fit")
+    assert all(torch.equal(p, before[n]) and p.requires_grad for n, p in user.named_parameters())
