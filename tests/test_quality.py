@@ -244,8 +244,12 @@ def test_sweep_smoke_resumes_and_writes_the_fronts(tiny, tmp_path, monkeypatch, 
     # grid (2 steps) for every arm, the long budget (3 steps) at each arm's top lr, S²FT variants at its best
     assert {("s2ft", "base", 2), ("lora", "base", 2), ("full", "base", 2)} <= by_phase
     assert {("s2ft", "base", 3), ("lora", "base", 3), ("full", "base", 3)} <= by_phase
-    best = data["best"]["s2ft"]
-    assert {("s2ft", "weight_small", best["steps"]), ("s2ft", "down_only", best["steps"])} <= by_phase
+    # The variants train at S²FT's best point of the short-budget grid (whatever the long budget found).
+    at = data["variants_at"]
+    short = [p for p in data["points"] if p["arm"] == "s2ft" and p["variant"] == "base" and p["steps"] == 2]
+    assert at["steps"] == 2 and at in sw.front(short)
+    assert {("s2ft", "weight_small", 2), ("s2ft", "down_only", 2)} <= by_phase
+    assert {r["lr"] for r in runs if r["variant"] != "base"} == {at["lr"]}
     for r in runs:
         for k in ("arm", "lr", "steps", "seed", "test_em", "forget_acc_delta", "ppl_delta", "trainable_params"):
             assert r[k] is not None, k
@@ -261,7 +265,9 @@ def test_sweep_smoke_resumes_and_writes_the_fronts(tiny, tmp_path, monkeypatch, 
         for p in f:
             assert not any(q["test_em"] > p["test_em"] and q["forget_acc_delta"] > p["forget_acc_delta"] for q in pts)
         assert data["best"][arm] in f
-    assert (out / "pareto.png").stat().st_size > 1000 and "| s2ft | base |" in (out / "pareto.md").read_text()
+    md = (out / "pareto.md").read_text()
+    assert (out / "pareto.png").stat().st_size > 1000 and "| s2ft | base |" in md
+    assert f"S²FT variants train at lr {at['lr']:g}, 2 steps" in md
     # Rerunning resumes: every job is reused, nothing trains again.
     capsys.readouterr()
     assert sw.main(argv) == 0

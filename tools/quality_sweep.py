@@ -1,13 +1,14 @@
 """Accuracy–forgetting sweep: S²FT vs rank-matched PEFT LoRA vs full fine-tuning on SmolLM2-135M, and its fronts.
 
-    python tools/quality_sweep.py run [--phases grid long variants] [--bigbench SDIST | --fetch-bigbench]
+    python tools/quality_sweep.py run [--phases grid variants long] [--bigbench SDIST | --fetch-bigbench]
                                       [--out DIR] [--smoke] [--model M] [--in-process]
     python tools/quality_sweep.py report [--out DIR] [--from-jobs --bigbench SDIST]  -> pareto.md, pareto.png
 
 configs/quality/sweep.yaml (over study.yaml's task, data, schedule and evaluation) sets three phases:
-``grid`` trains every arm at each lr of its grid x seed at the short budget; ``long`` reruns each arm's best lrs
-(its front points at the short budget) at the long budget; ``variants`` runs S²FT's other selection strategies
-and trainable components at S²FT's best front point. Every point trains on steps x batch fresh questions and
+``grid`` trains every arm at each lr of its grid x seed at the short budget; ``variants`` runs S²FT's other
+selection strategies and trainable components at S²FT's best front point of that grid (so they compare with the
+grid's seeds whatever ran before); ``long`` reruns each arm's best lrs (its front points at the short budget) at
+the long budget. Every point trains on steps x batch fresh questions and
 is scored on the held-out test split (exact match), on BIG-bench multiple-choice tasks (forgetting: pooled
 accuracy change vs the base, in pp) and on held-out text perplexity. Each run is a job directory under
 <out>/sweep/, reused when rerun with the same spec, so an interrupted sweep picks up where it stopped.
@@ -31,7 +32,7 @@ for p in (REPO, REPO / "tools"):
 import quality_study as qs
 
 SCHEMA = "s2ft-pareto/1"
-PHASES = ("grid", "long", "variants")
+PHASES = ("grid", "variants", "long")
 
 
 # ---- configuration -------------------------------------------------------------------------------------------
@@ -199,20 +200,24 @@ def run_sweep(args: argparse.Namespace) -> None:
             for i in range(len(next(iter(grid["lrs"].values())))):
                 for arm, cfg in arms.items():
                     run(job(study, arm, cfg, lr=grid["lrs"][arm][i], seed=s, steps=grid["steps"]))
+    if "variants" in args.phases and "s2ft" in arms:
+        at = variants_point(points([record(r, base) for r in results]), grid["steps"])
+        for group in ("strategies", "components"):
+            for name, s2 in sweep["variants"][group].items():
+                for s in seeds:
+                    run(job(study, "s2ft", arms["s2ft"], lr=at["lr"], seed=s, steps=at["steps"], variant=name, s2=s2))
     if "long" in args.phases:
         for arm, cfg in arms.items():
             pts = [p for p in points([record(r, base) for r in results]) if p["arm"] == arm]
             for lr in _top_lrs(pts, grid["steps"], sweep["long"]["top_lrs"]):
                 for s in seeds:
                     run(job(study, arm, cfg, lr=lr, seed=s, steps=sweep["long"]["steps"]))
-    if "variants" in args.phases and "s2ft" in arms:
-        pts = [p for p in points([record(r, base) for r in results]) if p["arm"] == "s2ft" and p["variant"] == "base"]
-        at = best(pts)
-        for group in ("strategies", "components"):
-            for name, s2 in sweep["variants"][group].items():
-                for s in seeds:
-                    run(job(study, "s2ft", arms["s2ft"], lr=at["lr"], seed=s, steps=at["steps"], variant=name, s2=s2))
     write_pareto(Path(args.out), study, sweep, base, results, args.smoke, complete=True)
+
+
+def variants_point(pts: list[dict], steps: int) -> dict:
+    """S²FT's best front point among its base runs at the short budget: where the variants train."""
+    return best([p for p in pts if p["arm"] == "s2ft" and p["variant"] == "base" and p["steps"] == steps])
 
 
 def _top_lrs(pts: list[dict], steps: int, k: int) -> list[float]:
@@ -251,6 +256,8 @@ def write_pareto(
         "fronts": {a: front([p for p in base_pts if p["arm"] == a]) for a in arms},
         "best": {a: best([p for p in base_pts if p["arm"] == a]) for a in arms},
     }
+    if "s2ft" in arms:
+        data["variants_at"] = variants_point(pts, sweep["grid"]["steps"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.json").write_text(json.dumps(data, indent=1))
     write_report(out)
@@ -305,6 +312,10 @@ def markdown(data: dict) -> str:
             f"| {arm} | {p['lr']:g} | {p['steps']} | {_pm(p, 'test_em', 100)} | {_pm(p, 'forget_acc_delta')} | "
             f"{_pm(p, 'ppl_delta', 1, 2)} |"
         )
+    if "variants_at" in data:
+        at = data["variants_at"]
+        lines += ["", f"S²FT variants train at lr {at['lr']:g}, {at['steps']} steps: S²FT's best front point of the "
+                  "short-budget grid."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
