@@ -23,14 +23,17 @@ on the machine: run the study on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -242,16 +245,56 @@ def execute(spec: dict, out: Path, in_process: bool, name: str | None = None) ->
             print(f"[quality] {name}: reusing {done}", flush=True)
             return prev
     job_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[quality] {name}: running", flush=True)
-    if in_process:
-        result = {**run_job(spec), "rss_isolated": False}
-    else:
-        (job_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-        subprocess.run([sys.executable, __file__, "_job", str(job_dir)], check=True)
-        result = {**json.loads((job_dir / "child.json").read_text()), "rss_isolated": True}
-    result["key"] = _job_key(spec)
-    done.write_text(json.dumps(result, indent=1))
+    with _claim(job_dir, name):
+        print(f"[quality] {name}: running", flush=True)
+        if in_process:
+            result = {**run_job(spec), "rss_isolated": False}
+        else:
+            (job_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+            subprocess.run([sys.executable, __file__, "_job", str(job_dir)], check=True)
+            result = {**json.loads((job_dir / "child.json").read_text()), "rss_isolated": True}
+        result["key"] = _job_key(spec)
+        done.write_text(json.dumps(result, indent=1))
     return result
+
+
+@contextlib.contextmanager
+def _claim(job_dir: Path, name: str) -> Iterator[None]:
+    """Hold ``job_dir/RUNNING`` (this process's pid) while the job runs, so two sweeps never run one job.
+
+    A claim left by a process that no longer exists (killed, machine restarted) is taken over.
+    """
+    lock = job_dir / "RUNNING"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid = int(lock.read_text().strip() or 0)
+            if pid and _alive(pid):
+                raise RuntimeError(
+                    f"job {name} is being run by process {pid} (another sweep or study over the same --out); "
+                    f"wait for it, or stop it and rerun (if pid {pid} is not a sweep, delete {lock})"
+                ) from None
+            lock.unlink(missing_ok=True)
+    else:
+        raise RuntimeError(f"could not claim {lock}")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 # ---- the study --------------------------------------------------------------------------------------------------
