@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -235,8 +236,15 @@ def test_sweep_smoke_resumes_and_writes_the_fronts(tiny, tmp_path, monkeypatch, 
     sdist = _multi_task_sdist(tmp_path / "bigbench-1.0.0.tar.gz", tasks)
     monkeypatch.setattr(bq, "BIGBENCH_CACHE", tmp_path / "cache")
     out = tmp_path / "out"
+    # A claim left by a process that is gone (a killed sweep) does not block the job.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = out / "sweep" / "jobs" / "s2ft_lr0.001_n2_s0" / "RUNNING"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(str(gone.pid))
     argv = ["run", "--smoke", "--in-process", "--model", str(tiny), "--bigbench", str(sdist), "--out", str(out)]
     assert sw.main(argv) == 0
+    assert not stale.exists() and (stale.parent / "result.json").is_file()
     data = json.loads((out / "pareto.json").read_text())
     assert data["schema"] == sw.SCHEMA and data["base"]["mc_items"] == 4 * 3  # 3 items per task in the smoke
     runs = data["runs"]
@@ -273,6 +281,16 @@ def test_sweep_smoke_resumes_and_writes_the_fronts(tiny, tmp_path, monkeypatch, 
     assert sw.main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("reusing") == len(runs) + 1 and "running" not in printed
+    # Two sweeps over one --out never run the same job: a job claimed by a live process is refused, untouched.
+    (stale.parent / "result.json").unlink()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        stale.write_text(str(other.pid))
+        with pytest.raises(RuntimeError, match=f"being run by process {other.pid}"):
+            sw.main(argv)
+        other.kill()
+    assert stale.read_text() == str(other.pid) and not (stale.parent / "result.json").exists()
+    stale.unlink()
+    assert sw.main(argv) == 0 and (stale.parent / "result.json").is_file()
     # While a sweep runs, `report --from-jobs` rebuilds pareto.json from the finished jobs, marked unfinished;
     # a job folder that is not what today's settings would run (here a copy under another name) is left out.
     jobs = out / "sweep" / "jobs"
