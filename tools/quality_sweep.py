@@ -202,10 +202,10 @@ def run_sweep(args: argparse.Namespace) -> None:
                     run(job(study, arm, cfg, lr=grid["lrs"][arm][i], seed=s, steps=grid["steps"]))
     if "variants" in args.phases and "s2ft" in arms:
         at = variants_point(points([record(r, base) for r in results]), grid["steps"])
-        for group in ("strategies", "components"):
-            for name, s2 in sweep["variants"][group].items():
-                for s in seeds:
-                    run(job(study, "s2ft", arms["s2ft"], lr=at["lr"], seed=s, steps=at["steps"], variant=name, s2=s2))
+        variants = {**sweep["variants"]["strategies"], **sweep["variants"]["components"]}
+        for s in seeds:  # seed by seed over every variant, so an unfinished phase already compares them all
+            for name, s2 in variants.items():
+                run(job(study, "s2ft", arms["s2ft"], lr=at["lr"], seed=s, steps=at["steps"], variant=name, s2=s2))
     if "long" in args.phases:
         for arm, cfg in arms.items():
             pts = [p for p in points([record(r, base) for r in results]) if p["arm"] == arm]
