@@ -8,10 +8,16 @@ configs/quality/sweep.yaml (over study.yaml's task, data, schedule and evaluatio
 ``grid`` trains every arm at each lr of its grid x seed at the short budget; ``variants`` runs S²FT's other
 selection strategies and trainable components at S²FT's best front point of that grid (so they compare with the
 grid's seeds whatever ran before); ``long`` reruns each arm's best lrs (its front points at the short budget) at
-the long budget. Every point trains on steps x batch fresh questions and
-is scored on the held-out test split (exact match), on BIG-bench multiple-choice tasks (forgetting: pooled
-accuracy change vs the base, in pp) and on held-out text perplexity. Each run is a job directory under
-<out>/sweep/, reused when rerun with the same spec, so an interrupted sweep picks up where it stopped.
+the long budget. Every point trains on steps x batch fresh questions and is scored on the held-out test split
+(exact match), on BIG-bench multiple-choice tasks (forgetting: pooled accuracy change vs the base, in pp) and on
+held-out text perplexity. Each run is a job directory under <out>/sweep/, reused when rerun with the same spec,
+so an interrupted sweep picks up where it stopped; a job being run holds its folder, so a second sweep over the
+same --out refuses it instead of running it twice.
+
+Once the grid has finished, the other two phases can run side by side, one thread each
+(``OMP_NUM_THREADS=1 ... run --phases grid variants`` and ``... run --phases grid long``): on a 2-core CPU that
+finished 1.16x the runs per hour of one sweep on both cores (a 100-step S²FT run: 420 s each beside the other
+vs 243 s alone).
 """
 
 from __future__ import annotations
