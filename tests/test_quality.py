@@ -257,6 +257,7 @@ def test_sweep_smoke_resumes_and_writes_the_fronts(tiny, tmp_path, monkeypatch, 
     short = [p for p in data["points"] if p["arm"] == "s2ft" and p["variant"] == "base" and p["steps"] == 2]
     assert at["steps"] == 2 and at in sw.front(short)
     assert {("s2ft", "weight_small", 2), ("s2ft", "down_only", 2)} <= by_phase
+    assert ("s2ft", "down_only", 3) in by_phase  # long.variants: confirmed at the long budget too
     assert {r["lr"] for r in runs if r["variant"] != "base"} == {at["lr"]}
     for r in runs:
         for k in ("arm", "lr", "steps", "seed", "test_em", "forget_acc_delta", "ppl_delta", "trainable_params"):

@@ -4,15 +4,16 @@
                                       [--out DIR] [--smoke] [--model M] [--in-process]
     python tools/quality_sweep.py report [--out DIR] [--from-jobs --bigbench SDIST]  -> pareto.md, pareto.png
 
-configs/quality/sweep.yaml (over study.yaml's task, data, schedule and evaluation) sets three phases:
-``grid`` trains every arm at each lr of its grid x seed at the short budget; ``variants`` runs S²FT's other
-selection strategies and trainable components at S²FT's best front point of that grid (so they compare with the
-grid's seeds whatever ran before); ``long`` reruns each arm's best lrs (its front points at the short budget) at
-the long budget. Every point trains on steps x batch fresh questions and is scored on the held-out test split
-(exact match), on BIG-bench multiple-choice tasks (forgetting: pooled accuracy change vs the base, in pp) and on
-held-out text perplexity. Each run is a job directory under <out>/sweep/, reused when rerun with the same spec,
-so an interrupted sweep picks up where it stopped; a job being run holds its folder, so a second sweep over the
-same --out refuses it instead of running it twice.
+configs/quality/sweep.yaml (over study.yaml's task, data, schedule and evaluation) sets three phases: ``grid``
+trains every arm at each lr of its grid x seed at the short budget; ``variants`` runs S²FT's other selection
+strategies and trainable components at S²FT's best front point of that grid (so they compare with the grid's seeds
+whatever ran before); ``long`` reruns each arm's best lrs (its front points at the short budget) at the long
+budget, and the S²FT variants named in ``long.variants`` at the variants' lr. Every point trains on steps x batch
+fresh questions and is scored on the held-out test split (exact match), on BIG-bench multiple-choice tasks
+(forgetting: pooled accuracy change vs the base, in pp) and on held-out text perplexity. Each run is a job
+directory under <out>/sweep/, reused when rerun with the same spec, so an interrupted sweep picks up where it
+stopped; a job being run holds its folder, so a second sweep over the same --out refuses it instead of running it
+twice.
 
 Once the grid has finished, the other two phases can run side by side, one thread each
 (``OMP_NUM_THREADS=1 ... run --phases grid variants`` and ``... run --phases grid long``): on a 2-core CPU that
@@ -206,9 +207,9 @@ def run_sweep(args: argparse.Namespace) -> None:
             for i in range(len(next(iter(grid["lrs"].values())))):
                 for arm, cfg in arms.items():
                     run(job(study, arm, cfg, lr=grid["lrs"][arm][i], seed=s, steps=grid["steps"]))
+    variants = {**sweep["variants"]["strategies"], **sweep["variants"]["components"]}
     if "variants" in args.phases and "s2ft" in arms:
         at = variants_point(points([record(r, base) for r in results]), grid["steps"])
-        variants = {**sweep["variants"]["strategies"], **sweep["variants"]["components"]}
         for s in seeds:  # seed by seed over every variant, so an unfinished phase already compares them all
             for name, s2 in variants.items():
                 run(job(study, "s2ft", arms["s2ft"], lr=at["lr"], seed=s, steps=at["steps"], variant=name, s2=s2))
@@ -218,6 +219,13 @@ def run_sweep(args: argparse.Namespace) -> None:
             for lr in _top_lrs(pts, grid["steps"], sweep["long"]["top_lrs"]):
                 for s in seeds:
                     run(job(study, arm, cfg, lr=lr, seed=s, steps=sweep["long"]["steps"]))
+        # variants named in long.variants (the short budget's candidates for the default) at the variants' lr
+        if sweep["long"].get("variants") and "s2ft" in arms:
+            at = variants_point(points([record(r, base) for r in results]), grid["steps"])
+            for name in sweep["long"]["variants"]:
+                for s in seeds:
+                    run(job(study, "s2ft", arms["s2ft"], lr=at["lr"], seed=s, steps=sweep["long"]["steps"],
+                            variant=name, s2=variants[name]))  # fmt: skip
     write_pareto(Path(args.out), study, sweep, base, results, args.smoke, complete=True)
 
 
