@@ -399,7 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run (or resume) the sweep, then write pareto.json/md/png")
     _settings_args(r)
-    r.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES, help="phases to run, in order")
+    r.add_argument(
+        "--phases",
+        nargs="+",
+        default=list(PHASES),
+        choices=PHASES,
+        help="phases to run (always in the order grid, variants, long)",
+    )
     r.add_argument("--in-process", action="store_true", help="no subprocess per run (peak RSS not isolated)")
     rep = sub.add_parser("report", help="pareto.md + pareto.png from <out>/pareto.json")
     _settings_args(rep)
