@@ -290,6 +290,9 @@ def test_sweep_smoke_resumes_and_writes_the_fronts(tiny, tmp_path, monkeypatch, 
             sw.main(argv)
         other.kill()
     assert stale.read_text() == str(other.pid) and not (stale.parent / "result.json").exists()
+    stale.write_text("")  # a claim whose owner is still writing its pid is not stale
+    with pytest.raises(RuntimeError, match=r"being run by process \(starting\)"):
+        sw.main(argv)
     stale.unlink()
     assert sw.main(argv) == 0 and (stale.parent / "result.json").is_file()
     # While a sweep runs, `report --from-jobs` rebuilds pareto.json from the finished jobs, marked unfinished;

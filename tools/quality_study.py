@@ -270,11 +270,11 @@ def _claim(job_dir: Path, name: str) -> Iterator[None]:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            pid = int(lock.read_text().strip() or 0)
-            if pid and _alive(pid):
+            owner = lock.read_text().strip()  # empty: another process created it and is writing its pid
+            if not owner or _alive(int(owner)):
                 raise RuntimeError(
-                    f"job {name} is being run by process {pid} (another sweep or study over the same --out); "
-                    f"wait for it, or stop it and rerun (if pid {pid} is not a sweep, delete {lock})"
+                    f"job {name} is being run by process {owner or '(starting)'} (another sweep or study over the "
+                    f"same --out); wait for it, or stop it and rerun (if that is not a sweep, delete {lock})"
                 ) from None
             lock.unlink(missing_ok=True)
     else:
@@ -293,7 +293,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
-        return True
+        pass
     return True
 
 

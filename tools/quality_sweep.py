@@ -174,7 +174,7 @@ def finished_runs(args: argparse.Namespace) -> tuple[dict, dict, dict, list[dict
     base_file = out / "jobs" / "base" / "result.json"
     if not base_file.is_file():
         raise FileNotFoundError(f"{base_file} does not exist: the sweep has not evaluated the base model yet")
-    overrides = {**sweep["variants"]["strategies"], **sweep["variants"]["components"]}
+    overrides = variant_settings(sweep)
     results = []
     for f in sorted((out / "jobs").glob("*/result.json")):
         r = json.loads(f.read_text())
@@ -207,7 +207,7 @@ def run_sweep(args: argparse.Namespace) -> None:
             for i in range(len(next(iter(grid["lrs"].values())))):
                 for arm, cfg in arms.items():
                     run(job(study, arm, cfg, lr=grid["lrs"][arm][i], seed=s, steps=grid["steps"]))
-    variants = {**sweep["variants"]["strategies"], **sweep["variants"]["components"]}
+    variants = variant_settings(sweep)
     if "variants" in args.phases and "s2ft" in arms:
         at = variants_point(points([record(r, base) for r in results]), grid["steps"])
         for s in seeds:  # seed by seed over every variant, so an unfinished phase already compares them all
@@ -227,6 +227,11 @@ def run_sweep(args: argparse.Namespace) -> None:
                     run(job(study, "s2ft", arms["s2ft"], lr=at["lr"], seed=s, steps=sweep["long"]["steps"],
                             variant=name, s2=variants[name]))  # fmt: skip
     write_pareto(Path(args.out), study, sweep, base, results, args.smoke, complete=True)
+
+
+def variant_settings(sweep: dict) -> dict[str, dict]:
+    """Every S²FT variant by name: its s2 settings (selection strategies and components alike)."""
+    return {**sweep["variants"]["strategies"], **sweep["variants"]["components"]}
 
 
 def variants_point(pts: list[dict], steps: int) -> dict:
