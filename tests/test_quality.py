@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -283,18 +287,30 @@ def test_sweep_smoke_resumes_and_writes_the_fronts(tiny, tmp_path, monkeypatch, 
     printed = capsys.readouterr().out
     assert printed.count("reusing") == len(runs) + 1 and "running" not in printed
     # Two sweeps over one --out never run the same job: a job claimed by a live process is refused, untouched.
+    # Here the claimer exits without releasing (as when killed) after starting a child that inherits the claim, as
+    # a sweep's `_job` child does: the claim lasts until the child ends too.
     (stale.parent / "result.json").unlink()
-    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
-        stale.write_text(str(other.pid))
-        with pytest.raises(RuntimeError, match=f"being run by process {other.pid}"):
+    claimer = (
+        "import subprocess, sys, os; from pathlib import Path; sys.path.insert(0, 'tools'); import quality_study as q\n"
+        f"with q._claim(Path({str(stale.parent)!r}), 'job') as fd:\n"
+        "    c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], pass_fds=(fd,),\n"
+        "                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # the test reads ours to EOF\n"
+        "    print(os.getpid(), c.pid, flush=True); os._exit(0)\n"
+    )
+    owner, child = subprocess.run(
+        [sys.executable, "-c", claimer], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    try:
+        with pytest.raises(RuntimeError, match=f"being run by process {owner}"):
             sw.main(argv)
-        other.kill()
-    assert stale.read_text() == str(other.pid) and not (stale.parent / "result.json").exists()
-    stale.write_text("")  # a claim whose owner is still writing its pid is not stale
-    with pytest.raises(RuntimeError, match=r"being run by process \(starting\)"):
-        sw.main(argv)
-    stale.unlink()
-    assert sw.main(argv) == 0 and (stale.parent / "result.json").is_file()
+        assert stale.read_text() == owner and not (stale.parent / "result.json").exists()
+    finally:
+        os.kill(int(child), signal.SIGKILL)
+    for _ in range(100):  # until the kernel has reaped the child and dropped its lock
+        with contextlib.suppress(RuntimeError), qs._claim(stale.parent, "job"):
+            break
+        time.sleep(0.05)
+    assert sw.main(argv) == 0 and (stale.parent / "result.json").is_file() and not stale.exists()
     # While a sweep runs, `report --from-jobs` rebuilds pareto.json from the finished jobs, marked unfinished;
     # a job folder that is not what today's settings would run (here a copy under another name) is left out.
     jobs = out / "sweep" / "jobs"

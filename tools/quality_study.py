@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -239,19 +240,27 @@ def execute(spec: dict, out: Path, in_process: bool, name: str | None = None) ->
     job_dir = out / "jobs" / name
     spec = {**spec, "job_dir": str(job_dir)}
     done = job_dir / "result.json"
-    if done.is_file():
-        prev = json.loads(done.read_text())
-        if prev.get("key") == _job_key(spec):
+
+    def finished() -> dict | None:
+        prev = json.loads(done.read_text()) if done.is_file() else None
+        if prev is not None and prev.get("key") == _job_key(spec):
             print(f"[quality] {name}: reusing {done}", flush=True)
             return prev
+        return None
+
+    if prev := finished():
+        return prev
     job_dir.mkdir(parents=True, exist_ok=True)
-    with _claim(job_dir, name):
+    with _claim(job_dir, name) as lock_fd:
+        if prev := finished():  # another process finished it between our first look and the claim
+            return prev
         print(f"[quality] {name}: running", flush=True)
         if in_process:
             result = {**run_job(spec), "rss_isolated": False}
         else:
             (job_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-            subprocess.run([sys.executable, __file__, "_job", str(job_dir)], check=True)
+            # the child inherits the claim: were this process killed, the job would stay claimed until it ends
+            subprocess.run([sys.executable, __file__, "_job", str(job_dir)], check=True, pass_fds=(lock_fd,))
             result = {**json.loads((job_dir / "child.json").read_text()), "rss_isolated": True}
         result["key"] = _job_key(spec)
         done.write_text(json.dumps(result, indent=1))
@@ -259,42 +268,35 @@ def execute(spec: dict, out: Path, in_process: bool, name: str | None = None) ->
 
 
 @contextlib.contextmanager
-def _claim(job_dir: Path, name: str) -> Iterator[None]:
-    """Hold ``job_dir/RUNNING`` (this process's pid) while the job runs, so two sweeps never run one job.
+def _claim(job_dir: Path, name: str) -> Iterator[int]:
+    """Hold an exclusive lock on ``job_dir/RUNNING`` while the job runs, so two sweeps never run one job.
 
-    A claim left by a process that no longer exists (killed, machine restarted) is taken over.
+    The kernel drops a ``flock`` when the last process holding its file closes, so a killed sweep leaves no claim
+    behind, while a ``_job`` child that outlives its killed parent (it inherits the fd) still holds it. Yields the fd.
     """
     lock = job_dir / "RUNNING"
-    for _ in range(2):
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode().strip() or "(starting)"
+            os.close(fd)
+            raise RuntimeError(
+                f"job {name} is being run by process {owner} (another sweep or study over the same --out); "
+                "wait for it, or stop it and rerun"
+            ) from None
+        # The holder before us unlinks the file before unlocking: a lock on an unlinked file claims nothing.
+        if lock.exists() and os.fstat(fd).st_ino == lock.stat().st_ino:
             break
-        except FileExistsError:
-            owner = lock.read_text().strip()  # empty: another process created it and is writing its pid
-            if not owner or _alive(int(owner)):
-                raise RuntimeError(
-                    f"job {name} is being run by process {owner or '(starting)'} (another sweep or study over the "
-                    f"same --out); wait for it, or stop it and rerun (if that is not a sweep, delete {lock})"
-                ) from None
-            lock.unlink(missing_ok=True)
-    else:
-        raise RuntimeError(f"could not claim {lock}")
+        os.close(fd)
+    os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
     try:
-        yield
+        yield fd
     finally:
         lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        pass
-    return True
+        os.close(fd)
 
 
 # ---- the study --------------------------------------------------------------------------------------------------
