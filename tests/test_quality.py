@@ -247,9 +247,18 @@ def test_sweep_smoke_resumes_and_writes_the_fronts(tiny, tmp_path, monkeypatch, 
     stale.parent.mkdir(parents=True)
     stale.write_text(str(gone.pid))
     argv = ["run", "--smoke", "--in-process", "--model", str(tiny), "--bigbench", str(sdist), "--out", str(out)]
-    assert sw.main(argv) == 0
+    # The later phases are planned from the finished grid: asked for first, they refuse and say why.
+    with pytest.raises(RuntimeError, match="phase long is planned from the finished grid, which still lacks 3 runs"):
+        sw.main([*argv, "--phases", "long"])
+    assert sw.main([*argv, "--phases", "grid"]) == 0
     assert not stale.exists() and (stale.parent / "result.json").is_file()
+    partial = json.loads((out / "pareto.json").read_text())
+    assert partial["grid_done"] and not partial["complete"] and len(partial["runs"]) == 3
+    assert len(partial["missing"]) == 2 + 3 + 1  # 2 variants, 3 arms at the long budget, down_only long
+    # then they run apart (as two processes side by side would), each writing pareto.json from every finished job
+    assert sw.main([*argv, "--phases", "long"]) == 0 and sw.main([*argv, "--phases", "variants"]) == 0
     data = json.loads((out / "pareto.json").read_text())
+    assert data["complete"] and data["missing"] == [] and len(data["runs"]) == 3 + 6
     assert data["schema"] == sw.SCHEMA and data["base"]["mc_items"] == 4 * 3  # 3 items per task in the smoke
     runs = data["runs"]
     by_phase = {(r["arm"], r["variant"], r["steps"]) for r in runs}
@@ -316,16 +325,17 @@ def test_sweep_smoke_resumes_and_writes_the_fronts(tiny, tmp_path, monkeypatch, 
     jobs = out / "sweep" / "jobs"
     first = next(p.parent for p in sorted(jobs.glob("s2ft_*/result.json")))
     shutil.copytree(first, jobs / (first.name[:-1] + "7"))
+    (jobs / "full_lr0.0001_n3_s0" / "result.json").rename(tmp_path / "result.json")
     report = ["report", "--from-jobs", "--smoke", "--model", str(tiny), "--bigbench", str(sdist), "--out", str(out)]
     assert sw.main(report) == 0
     rebuilt = json.loads((out / "pareto.json").read_text())
-    assert data["complete"] is True and rebuilt["complete"] is False
+    assert rebuilt["complete"] is False and rebuilt["missing"] == ["full_lr0.0001_n3_s0"]
 
     def key(r):
         return r["arm"], r["variant"], r["lr"], r["steps"], r["seed"]
 
-    assert sorted(map(key, rebuilt["runs"])) == sorted(map(key, runs))
-    assert f"UNFINISHED SWEEP: {len(runs)} runs" in (out / "pareto.md").read_text()
+    assert sorted(map(key, rebuilt["runs"])) == sorted(key(r) for r in runs if key(r) != ("full", "base", 1e-4, 3, 0))
+    assert f"UNFINISHED SWEEP: {len(runs) - 1} runs so far, 1 more to run" in (out / "pareto.md").read_text()
 
 
 def _load_tool(name: str):

@@ -15,8 +15,9 @@ directory under <out>/sweep/, reused when rerun with the same spec, so an interr
 stopped; a job being run holds its folder, so a second sweep over the same --out refuses it instead of running it
 twice.
 
-Once the grid has finished, the other two phases can run side by side, one thread each
-(``OMP_NUM_THREADS=1 ... run --phases grid variants`` and ``... run --phases grid long``): on a 2-core CPU that
+The later phases are planned from the grid's job folders, so once the grid has finished they can run side by
+side, one thread each (``OMP_NUM_THREADS=1 ... run --phases variants`` and ``... run --phases long``); pareto.json
+always holds every finished job, ``complete`` once none is missing. On a 2-core CPU the two side by side
 finished 1.16x the runs per hour of one sweep on both cores (a 100-step S²FT run: 420 s each beside the other
 vs 243 s alone).
 """
@@ -164,8 +165,8 @@ def settings(args: argparse.Namespace) -> tuple[dict, dict, dict[str, dict]]:
     return study, sweep, arms
 
 
-def finished_runs(args: argparse.Namespace) -> tuple[dict, dict, dict, list[dict]]:
-    """(study, sweep, base result, finished run results) read from the job folders of an unfinished sweep.
+def finished_runs(args: argparse.Namespace) -> tuple[dict, dict, dict, dict, list[dict]]:
+    """(study, sweep, arms, base result, finished run results) read from the job folders of an unfinished sweep.
 
     A result counts only if it is the job today's settings would run (same key), so stale jobs are left out.
     """
@@ -186,47 +187,90 @@ def finished_runs(args: argparse.Namespace) -> tuple[dict, dict, dict, list[dict
                          steps=spec["steps"], variant=variant, s2=overrides.get(variant))  # fmt: skip
         if name == f.parent.name and r.get("key") == qs._job_key({**want, "job_dir": str(f.parent)}):
             results.append(r)
-    return study, sweep, json.loads(base_file.read_text()), results
+    return study, sweep, arms, json.loads(base_file.read_text()), results
+
+
+def phase_jobs(
+    phase: str, study: dict, sweep: dict, arms: dict, base: dict, grid: list[dict]
+) -> list[tuple[str, dict]]:
+    """(name, spec) of every job of one phase; ``variants`` and ``long`` are planned from the finished ``grid``."""
+    seeds, short = sweep["seeds"], sweep["grid"]
+    if phase == "grid":  # seed by seed over every arm, so an unfinished grid already compares the arms
+        n_lrs = len(next(iter(short["lrs"].values())))
+        return [
+            job(study, arm, cfg, lr=short["lrs"][arm][i], seed=s, steps=short["steps"])
+            for s in seeds
+            for i in range(n_lrs)
+            for arm, cfg in arms.items()
+        ]
+    pts = points([record(r, base) for r in grid])
+    variants = variant_settings(sweep)
+    at = variants_point(pts, short["steps"]) if "s2ft" in arms else None
+    if phase == "variants":  # seed by seed over every variant, so an unfinished phase already compares them all
+        if at is None:
+            return []
+        return [
+            job(study, "s2ft", arms["s2ft"], lr=at["lr"], seed=s, steps=at["steps"], variant=name, s2=s2)
+            for s in seeds
+            for name, s2 in variants.items()
+        ]
+    long = sweep["long"]
+    jobs = [
+        job(study, arm, cfg, lr=lr, seed=s, steps=long["steps"])
+        for arm, cfg in arms.items()
+        for lr in _top_lrs([p for p in pts if p["arm"] == arm], short["steps"], long["top_lrs"])
+        for s in seeds
+    ]
+    if at is not None:  # variants named in long.variants (the candidates for the default) at the variants' lr
+        jobs += [
+            job(study, "s2ft", arms["s2ft"], lr=at["lr"], seed=s, steps=long["steps"], variant=name, s2=variants[name])
+            for name in long.get("variants") or []
+            for s in seeds
+        ]
+    return jobs
+
+
+def remaining(study: dict, sweep: dict, arms: dict, base: dict, results: list[dict]) -> tuple[list[str], bool]:
+    """(names of the sweep's jobs without a result, whether the grid has finished so the later phases are known)."""
+    done = {Path(r["spec"]["job_dir"]).name: r for r in results}
+    grid_names = [name for name, _ in phase_jobs("grid", study, sweep, arms, base, [])]
+    missing = [n for n in grid_names if n not in done]
+    if missing:
+        return missing, False
+    grid = [done[n] for n in grid_names]
+    later = [name for ph in PHASES[1:] for name, _ in phase_jobs(ph, study, sweep, arms, base, grid)]
+    return [n for n in later if n not in done], True
 
 
 def run_sweep(args: argparse.Namespace) -> None:
+    """Run the chosen phases (each job reused if finished), then pareto.json from every finished job."""
     study, sweep, arms = settings(args)
     out = Path(args.out) / "sweep"
     base = _base_eval(study, out, args.in_process)
-    seeds, results = sweep["seeds"], []
+    for phase in [ph for ph in PHASES if ph in args.phases]:
+        grid = []
+        if phase != "grid":
+            # from the job folders, so a phase can run beside (or after) the sweep that ran the grid
+            *_, results = finished_runs(args)
+            missing, grid_done = remaining(study, sweep, arms, base, results)
+            if not grid_done:
+                raise RuntimeError(
+                    f"phase {phase} is planned from the finished grid, which still lacks {len(missing)} runs "
+                    f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): run `--phases grid` first "
+                    "(or wait for the sweep running it)"
+                )
+            names = {name for name, _ in phase_jobs("grid", study, sweep, arms, base, [])}
+            grid = [r for r in results if Path(r["spec"]["job_dir"]).name in names]
+        for name, spec in phase_jobs(phase, study, sweep, arms, base, grid):
+            qs.execute(spec, out, args.in_process, name=name)
+    report_from_jobs(args)
 
-    def run(name_spec: tuple[str, dict]) -> dict:
-        name, spec = name_spec
-        res = qs.execute(spec, out, args.in_process, name=name)
-        results.append(res)
-        return res
 
-    grid = sweep["grid"]
-    if "grid" in args.phases:  # seed by seed over every arm, so an unfinished grid already compares the arms
-        for s in seeds:
-            for i in range(len(next(iter(grid["lrs"].values())))):
-                for arm, cfg in arms.items():
-                    run(job(study, arm, cfg, lr=grid["lrs"][arm][i], seed=s, steps=grid["steps"]))
-    variants = variant_settings(sweep)
-    if "variants" in args.phases and "s2ft" in arms:
-        at = variants_point(points([record(r, base) for r in results]), grid["steps"])
-        for s in seeds:  # seed by seed over every variant, so an unfinished phase already compares them all
-            for name, s2 in variants.items():
-                run(job(study, "s2ft", arms["s2ft"], lr=at["lr"], seed=s, steps=at["steps"], variant=name, s2=s2))
-    if "long" in args.phases:
-        for arm, cfg in arms.items():
-            pts = [p for p in points([record(r, base) for r in results]) if p["arm"] == arm]
-            for lr in _top_lrs(pts, grid["steps"], sweep["long"]["top_lrs"]):
-                for s in seeds:
-                    run(job(study, arm, cfg, lr=lr, seed=s, steps=sweep["long"]["steps"]))
-        # variants named in long.variants (the short budget's candidates for the default) at the variants' lr
-        if sweep["long"].get("variants") and "s2ft" in arms:
-            at = variants_point(points([record(r, base) for r in results]), grid["steps"])
-            for name in sweep["long"]["variants"]:
-                for s in seeds:
-                    run(job(study, "s2ft", arms["s2ft"], lr=at["lr"], seed=s, steps=sweep["long"]["steps"],
-                            variant=name, s2=variants[name]))  # fmt: skip
-    write_pareto(Path(args.out), study, sweep, base, results, args.smoke, complete=True)
+def report_from_jobs(args: argparse.Namespace) -> dict:
+    """pareto.json from every finished job folder; complete once no job of the whole sweep is missing."""
+    study, sweep, arms, base, results = finished_runs(args)
+    missing, grid_done = remaining(study, sweep, arms, base, results)
+    return write_pareto(Path(args.out), study, sweep, base, results, args.smoke, missing=missing, grid_done=grid_done)
 
 
 def variant_settings(sweep: dict) -> dict[str, dict]:
@@ -248,7 +292,14 @@ def _top_lrs(pts: list[dict], steps: int, k: int) -> list[float]:
 
 
 def write_pareto(
-    out: Path, study: dict, sweep: dict, base: dict, results: list[dict], smoke: bool, complete: bool
+    out: Path,
+    study: dict,
+    sweep: dict,
+    base: dict,
+    results: list[dict],
+    smoke: bool,
+    missing: list[str],
+    grid_done: bool,
 ) -> dict:
     """pareto.json (every run, points, fronts, recommendation), then pareto.md and pareto.png from it."""
     from benchmarks.sysinfo import describe
@@ -260,7 +311,9 @@ def write_pareto(
     data = {
         "schema": SCHEMA,
         "smoke": smoke,
-        "complete": complete,  # False: written by `report --from-jobs` while the sweep still runs
+        "complete": grid_done and not missing,
+        "missing": missing,  # jobs without a result (only the grid's until it finishes: it plans the rest)
+        "grid_done": grid_done,
         "system": describe(),
         "settings": {k: v for k, v in study.items() if k not in ("seeds", "smoke")} | {"sweep": sweep},
         "base": {
@@ -286,6 +339,12 @@ def write_pareto(
 # ---- report ------------------------------------------------------------------------------------------------------
 
 
+def _unfinished(data: dict) -> str:
+    n, left = len(data["runs"]), len(data.get("missing", []))
+    to_go = f"{left} more to run" if data.get("grid_done") else f"the grid still lacks {left}, then the later phases"
+    return f"UNFINISHED SWEEP: {n} runs so far, {to_go}; fronts and best points may still move."
+
+
 def _pm(p: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
     sd = p.get(f"{key}_std")
     v = f"{p[key] * scale:.{digits}f}"
@@ -305,11 +364,7 @@ def markdown(data: dict) -> str:
         + ", ".join(f"{t} {100 * v['acc']:.1f}% of {v['n']}" for t, v in b["mc"].items())
         + f"), held-out ppl {b['ppl']:.2f}."
         + (" SMOKE RUN: sizes are tiny, numbers mean nothing." if data.get("smoke") else "")
-        + (
-            ""
-            if data.get("complete", True)
-            else f" UNFINISHED SWEEP: {len(data['runs'])} runs so far; fronts and best points may still move."
-        ),
+        + ("" if data.get("complete", True) else f" {_unfinished(data)}"),
         "",
         "Forgetting Δ = pooled MC accuracy minus the base's (pp; negative = forgot); mean ± sample std over seeds.",
         "",
@@ -423,8 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "run":
         run_sweep(args)
     elif args.from_jobs:
-        study, sweep, base, results = finished_runs(args)
-        write_pareto(Path(args.out), study, sweep, base, results, args.smoke, complete=False)
+        report_from_jobs(args)
     print(write_report(Path(args.out)))
     return 0
 
