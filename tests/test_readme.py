@@ -68,7 +68,7 @@ def test_use_commands_run_as_printed(tmp_path):
         if "validate" in cmd:
             assert "val/loss" in proc.stdout
         if "export-lora" in cmd:
-            assert "ranks 31, 64" in proc.stdout  # Down columns of 31 channels, O columns of one 64-wide head
+            assert "(30 modules, rank 95)" in proc.stdout  # Down columns of 95 channels in each of 30 layers
     assert (tmp_path / "runs" / "quickstart" / "logs" / "latest" / "adapter" / "default").is_dir()
     merged = tmp_path / "runs" / "quickstart" / "merged"  # the adapter's recorded base was demo:smollm2
     assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()

@@ -175,8 +175,9 @@ def _export_lora(args) -> int:
         model, _, _ = _load_base(args.base, [adapter], "auto")
         check_base(model, adapter)
     ranks = export_peft_lora(adapter, args.out, max_rank=args.max_rank)
-    shown = ", ".join(f"{r}" for r in sorted(set(ranks.values())))
-    print(f"exported {adapter.name!r} as a PEFT LoRA adapter ({len(ranks)} modules, ranks {shown}) -> {args.out}")
+    distinct = sorted(set(ranks.values()))
+    shown = ("rank " if len(distinct) == 1 else "ranks ") + ", ".join(map(str, distinct))
+    print(f"exported {adapter.name!r} as a PEFT LoRA adapter ({len(ranks)} modules, {shown}) -> {args.out}")
     return 0
 
 
