@@ -267,6 +267,10 @@ def execute(spec: dict, out: Path, in_process: bool, name: str | None = None) ->
     return result
 
 
+class JobClaimed(RuntimeError):
+    """Another live process (a sweep or study over the same --out) is running this job."""
+
+
 @contextlib.contextmanager
 def _claim(job_dir: Path, name: str) -> Iterator[int]:
     """Hold an exclusive lock on ``job_dir/RUNNING`` while the job runs, so two sweeps never run one job.
@@ -282,7 +286,7 @@ def _claim(job_dir: Path, name: str) -> Iterator[int]:
         except BlockingIOError:
             owner = os.read(fd, 32).decode().strip() or "(starting)"
             os.close(fd)
-            raise RuntimeError(
+            raise JobClaimed(
                 f"job {name} is being run by process {owner} (another sweep or study over the same --out); "
                 "wait for it, or stop it and rerun"
             ) from None
@@ -296,6 +300,18 @@ def _claim(job_dir: Path, name: str) -> Iterator[int]:
         yield fd
     finally:
         lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def wait_for_claim(job_dir: Path) -> None:
+    """Return once no process holds ``job_dir``'s claim (at once if none does)."""
+    try:
+        fd = os.open(job_dir / "RUNNING", os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # granted when the holder's exclusive lock is gone
+    finally:
         os.close(fd)
 
 

@@ -12,13 +12,12 @@ budget, and the S²FT variants named in ``long.variants`` at the variants' lr. E
 fresh questions and is scored on the held-out test split (exact match), on BIG-bench multiple-choice tasks
 (forgetting: pooled accuracy change vs the base, in pp) and on held-out text perplexity. Each run is a job
 directory under <out>/sweep/, reused when rerun with the same spec, so an interrupted sweep picks up where it
-stopped; a job being run holds its folder, so a second sweep over the same --out refuses it instead of running it
-twice.
+stopped; pareto.json always holds every finished job, ``complete`` once none is missing.
 
-The later phases are planned from the grid's job folders, so once the grid has finished they can run side by
-side, one thread each (``OMP_NUM_THREADS=1 ... run --phases variants`` and ``... run --phases long``); pareto.json
-always holds every finished job, ``complete`` once none is missing. On a 2-core CPU the two side by side
-finished 1.16x the runs per hour of one sweep on both cores (a 100-step S²FT run: 420 s each beside the other
+A job being run holds its folder (a lock), so sweeps over the same --out share the work: each skips the jobs
+another is running, and waits for the grid's before planning the later phases from the grid's job folders. Two
+sweeps with one thread each (``OMP_NUM_THREADS=1 python tools/quality_sweep.py run ...`` twice) finished 1.16x
+the runs per hour of one sweep on both cores of a 2-core CPU (a 100-step S²FT run: 420 s each beside the other
 vs 243 s alone).
 """
 
@@ -261,8 +260,18 @@ def run_sweep(args: argparse.Namespace) -> None:
                 )
             names = {name for name, _ in phase_jobs("grid", study, sweep, arms, base, [])}
             grid = [r for r in results if Path(r["spec"]["job_dir"]).name in names]
+        busy = []
         for name, spec in phase_jobs(phase, study, sweep, arms, base, grid):
-            qs.execute(spec, out, args.in_process, name=name)
+            try:
+                qs.execute(spec, out, args.in_process, name=name)
+            except qs.JobClaimed as e:  # another sweep over this --out runs it: go on with the next job
+                print(f"[quality] {name}: skipped, {e}", flush=True)
+                busy.append((name, spec))
+        if phase == "grid" and busy and set(args.phases) - {"grid"}:
+            for name, spec in busy:  # the later phases are planned from the whole grid
+                print(f"[quality] {name}: waiting for the process running it", flush=True)
+                qs.wait_for_claim(out / "jobs" / name)
+                qs.execute(spec, out, args.in_process, name=name)  # its result, or run here if that process died
     report_from_jobs(args)
 
 
