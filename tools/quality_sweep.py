@@ -229,14 +229,19 @@ def phase_jobs(
     return jobs
 
 
+def finished_grid(study: dict, sweep: dict, arms: dict, base: dict, results: list[dict]) -> tuple[list, list[str]]:
+    """(the grid's results, names of its jobs without one) among ``results``."""
+    done = {Path(r["spec"]["job_dir"]).name: r for r in results}
+    names = [name for name, _ in phase_jobs("grid", study, sweep, arms, base, [])]
+    return [done[n] for n in names if n in done], [n for n in names if n not in done]
+
+
 def remaining(study: dict, sweep: dict, arms: dict, base: dict, results: list[dict]) -> tuple[list[str], bool]:
     """(names of the sweep's jobs without a result, whether the grid has finished so the later phases are known)."""
-    done = {Path(r["spec"]["job_dir"]).name: r for r in results}
-    grid_names = [name for name, _ in phase_jobs("grid", study, sweep, arms, base, [])]
-    missing = [n for n in grid_names if n not in done]
+    grid, missing = finished_grid(study, sweep, arms, base, results)
     if missing:
         return missing, False
-    grid = [done[n] for n in grid_names]
+    done = {Path(r["spec"]["job_dir"]).name for r in results}
     later = [name for ph in PHASES[1:] for name, _ in phase_jobs(ph, study, sweep, arms, base, grid)]
     return [n for n in later if n not in done], True
 
@@ -250,16 +255,13 @@ def run_sweep(args: argparse.Namespace) -> None:
         grid = []
         if phase != "grid":
             # from the job folders, so a phase can run beside (or after) the sweep that ran the grid
-            *_, results = finished_runs(args)
-            missing, grid_done = remaining(study, sweep, arms, base, results)
-            if not grid_done:
+            grid, missing = finished_grid(study, sweep, arms, base, finished_runs(args)[-1])
+            if missing:
                 raise RuntimeError(
                     f"phase {phase} is planned from the finished grid, which still lacks {len(missing)} runs "
                     f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): run `--phases grid` first "
                     "(or wait for the sweep running it)"
                 )
-            names = {name for name, _ in phase_jobs("grid", study, sweep, arms, base, [])}
-            grid = [r for r in results if Path(r["spec"]["job_dir"]).name in names]
         busy = []
         for name, spec in phase_jobs(phase, study, sweep, arms, base, grid):
             try:
