@@ -404,37 +404,47 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Plotted series: each arm's learning-rate grid, and S²FT Down only (the quickstart's setting, run at both budgets).
+_SERIES = {("s2ft", "base"): ("s2ft", "C0"), ("lora", "base"): ("lora", "C1"), ("full", "base"): ("full", "C2"),
+           ("s2ft", "down_only"): ("s2ft Down only", "C4")}  # fmt: skip
+
+
 def plot(data: dict, path: Path) -> None:
-    """Forgetting Δ (and ppl Δ) against test EM: one colour per arm, a marker per budget, seed-std error bars."""
+    """Forgetting Δ and ppl Δ against test EM: a colour per series, a marker per budget, seed-std error bars, fronts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"s2ft": "C0", "lora": "C1", "full": "C2"}
     markers = ["o", "s", "^", "D"]
     budgets = sorted({p["steps"] for p in data["points"]})
+    groups: dict[tuple, list[dict]] = {}
+    for p in data["points"]:
+        if (p["arm"], p["variant"]) in _SERIES:
+            groups.setdefault((p["arm"], p["variant"]), []).append(p)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, key, label in ((axes[0], "forget_acc_delta", "forgetting Δ, pooled MC accuracy (pp)"),
                            (axes[1], "ppl_delta", "held-out perplexity Δ")):  # fmt: skip
-        for p in data["points"]:
-            if p["variant"] != "base":
-                continue
-            c, m = colours.get(p["arm"], "C3"), markers[budgets.index(p["steps"]) % len(markers)]
-            ax.errorbar(
-                100 * p["test_em"], p[key], xerr=100 * (p["test_em_std"] or 0), yerr=p[f"{key}_std"] or 0,
-                fmt=m, color=c, capsize=2, ms=5, alpha=0.85,
-            )  # fmt: skip
-            ax.annotate(
-                f"{p['lr']:g}", (100 * p["test_em"], p[key]), fontsize=6, xytext=(3, 2), textcoords="offset points"
-            )
-        if key == "forget_acc_delta":
-            for arm, f in data["fronts"].items():
-                ax.plot([100 * p["test_em"] for p in f], [p[key] for p in f], "-", color=colours.get(arm, "C3"), lw=1.2)
+        for series, pts in groups.items():
+            c = _SERIES[series][1]
+            for p in pts:
+                ax.errorbar(
+                    100 * p["test_em"], p[key], xerr=100 * (p["test_em_std"] or 0), yerr=p[f"{key}_std"] or 0,
+                    fmt=markers[budgets.index(p["steps"]) % len(markers)], color=c, capsize=2, ms=5, alpha=0.85,
+                )  # fmt: skip
+                ax.annotate(
+                    f"{p['lr']:g}", (100 * p["test_em"], p[key]), fontsize=6, xytext=(3, 2), textcoords="offset points"
+                )
+            # The front on this panel's measure: lower perplexity Δ is better, so fronts there use its negative.
+            sign = 1 if key == "forget_acc_delta" else -1
+            f = front([{**p, "forget_acc_delta": sign * p[key]} for p in pts])
+            ax.plot([100 * p["test_em"] for p in f], [sign * p["forget_acc_delta"] for p in f], "-", color=c, lw=1.2)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("held-out test exact match (%)")
         ax.set_ylabel(label)
-    handles = [plt.Line2D([], [], color=c, marker="o", ls="-", label=a) for a, c in colours.items()]
+    handles = [
+        plt.Line2D([], [], color=_SERIES[s][1], marker="o", ls="-", label=_SERIES[s][0]) for s in _SERIES if s in groups
+    ]
     handles += [
         plt.Line2D([], [], color="k", marker=markers[i % 4], ls="", label=f"{b} steps") for i, b in enumerate(budgets)
     ]
