@@ -122,14 +122,14 @@ def points(runs: list[dict]) -> list[dict]:
     return out
 
 
-def front(pts: list[dict]) -> list[dict]:
-    """Points not dominated in (test EM up, forgetting delta up), sorted by test EM."""
+def front(pts: list[dict], key: str = "forget_acc_delta", sign: int = 1) -> list[dict]:
+    """Points not dominated in (test EM up, ``sign`` × ``key`` up), sorted by test EM (sign -1: lower is better)."""
     keep = []
     for p in pts:
         dominated = any(
             q["test_em"] >= p["test_em"]
-            and q["forget_acc_delta"] >= p["forget_acc_delta"]
-            and (q["test_em"] > p["test_em"] or q["forget_acc_delta"] > p["forget_acc_delta"])
+            and sign * q[key] >= sign * p[key]
+            and (q["test_em"] > p["test_em"] or sign * q[key] > sign * p[key])
             for q in pts
         )
         if not dominated:
@@ -435,10 +435,8 @@ def plot(data: dict, path: Path) -> None:
                 ax.annotate(
                     f"{p['lr']:g}", (100 * p["test_em"], p[key]), fontsize=6, xytext=(3, 2), textcoords="offset points"
                 )
-            # The front on this panel's measure: lower perplexity Δ is better, so fronts there use its negative.
-            sign = 1 if key == "forget_acc_delta" else -1
-            f = front([{**p, "forget_acc_delta": sign * p[key]} for p in pts])
-            ax.plot([100 * p["test_em"] for p in f], [sign * p["forget_acc_delta"] for p in f], "-", color=c, lw=1.2)
+            f = front(pts, key, sign=1 if key == "forget_acc_delta" else -1)  # lower perplexity Δ is better
+            ax.plot([100 * p["test_em"] for p in f], [p[key] for p in f], "-", color=c, lw=1.2)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("held-out test exact match (%)")
         ax.set_ylabel(label)
