@@ -2,7 +2,10 @@
 
 - Which plan: ``plan_path`` if given, else selection (calibration batches from the trainer's data for the
   data-driven strategies); a checkpoint being loaded brings its own plan and wins (`S2Attachment.reconcile`).
-- `prepare_model` on the target submodule: all-or-nothing, one applied marker (on the target).
+- One transaction on the target submodule (`surgery.transaction`): refusals first (quantized + FSDP, NF4 on
+  Conv1D or odd shapes, tensor parallelism), then `prepare_model`'s stages, quantization and the checkpoint hooks,
+  all undone on any failure; sharding comes last and cannot be undone, so a failure there leaves the model's
+  marker. What it did is in the target's `S2State`; the LightningModule holds only this attachment.
 - Checkpoints hold only what trains: hooks on the LightningModule cut its state dict to the trainable keys
   (the S2 deltas, plus e.g. a new task head, plus anything outside the target) and, on load, accept a dict
   without the frozen target keys — the frozen base comes from the model itself. ``checkpoint["s2ft"]``
@@ -23,16 +26,24 @@ from typing import Any
 from torch import nn
 
 from s2ft_lightning import layers
-from s2ft_lightning.pipeline import S2Config, applied_plan, base_fingerprint, base_values_digest, prepare_model
+from s2ft_lightning.pipeline import (
+    S2Config,
+    applied_plan,
+    base_fingerprint,
+    base_values_digest,
+    prepare_in_transaction,
+)
 from s2ft_lightning.quantize import MODES as QUANT_MODES
-from s2ft_lightning.quantize import quantize_base
+from s2ft_lightning.quantize import check_quantizable, quantize_base
 from s2ft_lightning.sharding import data_parallel_mesh, is_sharded, shard
+from s2ft_lightning.state import S2State, current_form, reset_form, set_form
 from surgery.plan import PlanError, S2Plan
 from surgery.planner import plan_id, unapply_plan
+from surgery.transaction import deferred_interrupts, transaction
 
 CHECKPOINT_KEY = "s2ft"
 CHECKPOINT_FORMAT = 1
-_ATTR = "_s2ft_attachment"
+_ATTR = "_s2ft_attachment"  # the one attribute S²FT sets on a LightningModule
 
 
 class CheckpointError(PlanError):
@@ -40,7 +51,7 @@ class CheckpointError(PlanError):
 
 
 def attachment_of(pl_module: nn.Module) -> S2Attachment | None:
-    """The `S2Attachment` that prepared ``pl_module``, if any."""
+    """The `S2Attachment` that prepared ``pl_module``, if any (the one attribute it sets on the module)."""
     return pl_module.__dict__.get(_ATTR)
 
 
@@ -84,7 +95,9 @@ class S2Attachment:
         self.plan_path = plan_path
         self.calibration_batches = calibration_batches
         self.plan: S2Plan | None = None
-        self.base_digest: str | None = None
+        self._handles: list = []  # the checkpoint hooks on the LightningModule
+        self._form_tokens: list = []  # state-dict form switched by the hooks, one per nested state_dict call
+        self._load_prefix = ""
 
     # ---- preparation ---------------------------------------------------------------------------------
     def target(self, pl_module: nn.Module) -> nn.Module:
@@ -99,34 +112,37 @@ class S2Attachment:
         return found
 
     def prepare(self, pl_module: nn.Module, trainer: Any = None, plan: S2Plan | None = None) -> S2Plan:
-        """Prepare the target (idempotent) and hook the module's checkpointing; returns the applied plan."""
+        """Prepare the target (idempotent) and hook the module's checkpointing; returns the applied plan.
+
+        All-or-nothing up to sharding (see the module docstring).
+        """
         _check_strategy(trainer)
         target = self.target(pl_module)
         if plan is None and self.plan_path:
             plan = S2Plan.load(self.plan_path)
-        calibration = None
-        if plan is None and applied_plan(target) is None and self.config.strategy != "random":
-            calibration = self._calibration(pl_module, trainer)
-        known = self.plan is not None and applied_plan(target) is not None and layers.installed(target)
-        self.plan = prepare_model(target, self.config, plan=plan, calibration=calibration)
-        if not known or self.base_digest is None:  # read before sharding: the whole base is still here
-            self.base_digest = base_values_digest(target, self.plan)
         mesh = getattr(pl_module, "device_mesh", None)  # set by Lightning's ModelParallelStrategy
-        if self.quantize != "none":
-            if mesh is not None:
-                raise ValueError("a quantized base under FSDP is not supported yet; use quantize none or DDP")
+        dp_mesh = data_parallel_mesh(mesh) if mesh is not None and not is_sharded(target) else None
+        calibration = None
+        if plan is None and applied_plan(target) is None and self.config.needs_data:
+            calibration = self._calibration(pl_module, trainer)
+        refuse = functools.partial(check_quantizable, mode=self.quantize, sharded=mesh is not None)
+        with transaction(target, "S²FT preparation", S2State) as txn:
+            prepared = prepare_in_transaction(target, self.config, plan=plan, calibration=calibration, checks=[refuse])
             quantize_base(target, self.quantize)  # after the base values were read: checks keep the original
-        if mesh is not None and not is_sharded(target):
-            shard(target, data_parallel_mesh(mesh))
-        self._hook(pl_module)
-        return self.plan
+            self._hook(pl_module, txn)
+            if dp_mesh is not None:
+                txn.irreversible("sharding the model (FSDP2 fully_shard)")
+                shard(target, dp_mesh)
+        self.plan = prepared
+        return prepared
 
     def _calibration(self, pl_module: nn.Module, trainer: Any) -> list[dict]:
         loader = _train_loader(pl_module, trainer)
         if loader is None:
             raise ValueError(
                 f"strategy {self.config.strategy!r} scores heads/channels on calibration batches, but no training "
-                "data is reachable: pass a datamodule (or train_dataloaders) to the trainer, or use strategy 'random'"
+                "data is reachable: pass a datamodule (or train_dataloaders) to the trainer, or use strategy 'random' "
+                "or 'weight', which need no data"
             )
         batches = []
         for i, batch in enumerate(loader):
@@ -135,31 +151,50 @@ class S2Attachment:
             batches.append({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")})
         return batches
 
-    def _hook(self, pl_module: nn.Module) -> None:
-        if attachment_of(pl_module) is not None:
-            pl_module.__dict__[_ATTR] = self
+    def _hook(self, pl_module: nn.Module, txn) -> None:
+        """Become the module's attachment; its checkpoint hooks (registered once) find the attachment there."""
+        previous = attachment_of(pl_module)
+        if previous is self:
             return
-        pl_module.__dict__[_ATTR] = self
-        prefix = f"{self.submodule}." if self.submodule else ""
-        pl_module.register_state_dict_pre_hook(_root_state_dict_pre)
-        pl_module.register_state_dict_post_hook(functools.partial(_root_state_dict_post, prefix))
-        pl_module.register_load_state_dict_pre_hook(functools.partial(_root_load_pre, prefix))
-        pl_module.register_load_state_dict_post_hook(functools.partial(_root_load_post, prefix))
+        txn.on_rollback(functools.partial(_attach_to, pl_module, previous), "the module's attachment")
+        if previous is not None:  # the hooks are registered: they find the new attachment (e.g. load_checkpoint's)
+            _attach_to(pl_module, self)
+            return
+        txn.on_rollback(self._unhook, "the checkpoint hooks")
+        with deferred_interrupts():
+            self._handles = [
+                pl_module.register_state_dict_pre_hook(_root_state_dict_pre),
+                pl_module.register_state_dict_post_hook(_root_state_dict_post),
+                pl_module.register_load_state_dict_pre_hook(_root_load_pre),
+                pl_module.register_load_state_dict_post_hook(_root_load_post),
+            ]
+            _attach_to(pl_module, self)
+
+    def _unhook(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     # ---- checkpoints ---------------------------------------------------------------------------------
+    def base_values(self, target: nn.Module) -> str | None:
+        """The digest of the base values under the blocks, read before quantizing or sharding."""
+        state = S2State.of(target)
+        return None if state is None else state.base_values
+
     def checkpoint_metadata(self, pl_module: nn.Module) -> dict:
         """What ``checkpoint["s2ft"]`` holds: plan, config, where the target sits and the base identity."""
         if self.plan is None:
             raise RuntimeError("S²FT has not prepared this module yet; nothing to checkpoint")
         target = self.target(pl_module)
+        state = S2State.checked(target)
         return {
             "format": CHECKPOINT_FORMAT,
             "submodule": self.submodule,
             "plan": self.plan.to_dict(),
             "config": self.config.to_dict(),
             "base_fingerprint": base_fingerprint(target),
-            "base_values": self.base_digest,
-            "quantize": self.quantize,
+            "base_values": self.base_values(target),
+            "quantize": "none" if state is None else state.quantized,
             "trainable": {n: list(p.shape) for n, p in target.named_parameters() if p.requires_grad},
         }
 
@@ -174,8 +209,9 @@ class S2Attachment:
                 f"this checkpoint was trained on a base with fingerprint {meta.get('base_fingerprint')} but the "
                 f"model has {fp} (another architecture or config); load the base it was trained from"
             )
-        known = self.plan is not None and plan_id(self.plan) == plan_id(plan) and self.base_digest is not None
-        digest = self.base_digest if known else base_values_digest(target, plan)
+        current = applied_plan(target)
+        known = current is not None and plan_id(current) == plan_id(plan) and self.base_values(target) is not None
+        digest = self.base_values(target) if known else base_values_digest(target, plan)
         if digest != meta.get("base_values"):
             raise CheckpointError(
                 "the base weights under the checkpoint's S2 blocks differ from the ones it was trained on "
@@ -186,7 +222,8 @@ class S2Attachment:
         """Check the checkpoint's base, then make its plan the module's (re-preparing if needed).
 
         Returns True when the target was (re)prepared here, so state loaded before this call must be loaded
-        again. Lightning restores before it configures optimizers, so re-preparing is safe there.
+        again. Lightning restores before it configures optimizers, so re-preparing is safe there. All-or-nothing:
+        a refused base or any failure leaves the module prepared as it was.
         """
         meta = read_metadata(checkpoint)
         plan = S2Plan.from_dict(meta["plan"])
@@ -202,17 +239,18 @@ class S2Attachment:
                 "this checkpoint was trained with another S2 plan than the one this sharded model was prepared with; "
                 "a sharded model cannot be re-permuted: resume with plan_path=<the run's s2_plan.json>"
             )
-        if current is not None:  # prepared with another plan: back to the stock base first
-            if layers.installed(target):
-                layers.uninstall(target, merge=False)
-            unapply_plan(target, verify=False)
+        before = self.plan
         try:
-            self.check_base(target, meta, plan)
-        except CheckpointError:
-            if current is not None:
-                self.prepare(pl_module, plan=current)
+            with transaction(target, "adopting the checkpoint's S2 plan", S2State):
+                if current is not None:  # prepared with another plan: back to the stock base first
+                    if layers.installed(target):
+                        layers.uninstall(target, merge=False)
+                    unapply_plan(target, verify=False)
+                self.check_base(target, meta, plan)
+                self.prepare(pl_module, plan=plan)
+        except BaseException:
+            self.plan = before
             raise
-        self.prepare(pl_module, plan=plan)
         return True
 
     def write_provenance(self, out_dir: str | os.PathLike) -> None:
@@ -272,25 +310,36 @@ def _train_loader(pl_module: nn.Module, trainer: Any) -> Iterable | None:
     return None
 
 
+def _attach_to(pl_module: nn.Module, attachment: S2Attachment | None) -> None:
+    if attachment is None:
+        pl_module.__dict__.pop(_ATTR, None)
+    else:
+        pl_module.__dict__[_ATTR] = attachment
+
+
 # ---- state-dict hooks on the LightningModule -------------------------------------------------------------
 # A state dict taken from the LightningModule (what Lightning checkpoints) is the "split" form cut to what
-# trains inside the target; one taken from the Hugging Face model itself stays the stock "merged" form.
-_TOKENS = "_s2ft_form_tokens"
+# trains inside the target; one taken from the Hugging Face model itself stays the stock "merged" form. The
+# hooks find what they need in the module's attachment.
+def _target_prefix(module: nn.Module) -> str:
+    att = attachment_of(module)
+    return f"{att.submodule}." if att is not None and att.submodule else ""
 
 
 def _root_state_dict_pre(module: nn.Module, prefix: str, keep_vars: bool) -> None:
-    stack = module.__dict__.setdefault(_TOKENS, [])
-    stack.append(layers._FORM.set("split") if layers._FORM.get() == "merged" else None)
+    att = attachment_of(module)
+    if att is not None:
+        att._form_tokens.append(set_form("split") if current_form() == "merged" else None)
 
 
-def _root_state_dict_post(target_prefix: str, module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    stack = module.__dict__.get(_TOKENS) or [None]
-    token = stack.pop()
+def _root_state_dict_post(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    att = attachment_of(module)
+    token = att._form_tokens.pop() if att is not None and att._form_tokens else None
     if token is None:  # inside an explicit state_dict_form: leave the dict whole
         return
-    layers._FORM.reset(token)
+    reset_form(token)
     trainable = {prefix + n for n, p in module.named_parameters() if p.requires_grad}
-    cut = prefix + target_prefix
+    cut = prefix + _target_prefix(module)
     for key in [k for k in state_dict if k.startswith(cut) and k not in trainable]:
         del state_dict[key]
 
@@ -303,10 +352,12 @@ def _frozen_target_keys(module: nn.Module, target_prefix: str) -> set[str]:
     return {target_prefix + k for k in keys if k not in trainable}
 
 
-def _root_load_pre(
-    target_prefix, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-) -> None:
+def _root_load_pre(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """Refuse trainable entries that do not fit the prepared plan, with the fix, before torch's size errors."""
+    att = attachment_of(module)
+    if att is None:
+        return
+    target_prefix = _target_prefix(module)
     target = module.get_submodule(target_prefix[:-1]) if target_prefix else module
     ours = {
         prefix + target_prefix + n: p for n, p in target.named_parameters() if n.rsplit(".", 1)[-1].startswith("delta_")
@@ -321,13 +372,16 @@ def _root_load_pre(
             "it was trained with another plan. Load it with the plan saved beside it (plan_path=.../s2_plan.json) "
             "or through s2ft_lightning.load_checkpoint, which applies the checkpoint's own plan"
         )
-    module.__dict__["_s2ft_load_prefix"] = prefix
+    att._load_prefix = prefix
 
 
-def _root_load_post(target_prefix: str, module: nn.Module, incompatible_keys) -> None:
+def _root_load_post(module: nn.Module, incompatible_keys) -> None:
     """A trainable-only dict: the frozen target keys are not missing, they are the base the model holds."""
-    prefix = module.__dict__.pop("_s2ft_load_prefix", "")
-    frozen = {prefix + k for k in _frozen_target_keys(module, target_prefix)}
+    att = attachment_of(module)
+    if att is None:
+        return
+    prefix, att._load_prefix = att._load_prefix, ""
+    frozen = {prefix + k for k in _frozen_target_keys(module, _target_prefix(module))}
     missing = incompatible_keys.missing_keys
     if frozen and frozen <= set(missing):
         missing[:] = [k for k in missing if k not in frozen]

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2ft_lightning.blocks import feature_dim, gather_runs, merged_weight, split_merged_
+from s2ft_lightning.deltas import DeltaBlocks, S2InstallError
+from s2ft_lightning.sharding import full
+from s2ft_lightning.state import current_form
 from surgery.plan import BlockSlice
-
-from .layers import DeltaBlocks, S2InstallError, current_form
-from .ops import gather_runs
 
 __all__ = [
     "ExpertBlocks",
@@ -58,11 +59,9 @@ class ExpertBlocks(DeltaBlocks):
 
     def base_block(self, i: int) -> torch.Tensor:
         """The frozen base values under block ``i``; sharded (FSDP), this layer's expert tensor is gathered."""
-        from s2ft_lightning.sharding import full
-
         feature, runs = self.specs[i]
         w = full(getattr(self.owner, self.param).detach())[self.expert]
-        return gather_runs(w, runs, 0 if feature == "out" else 1).clone()
+        return gather_runs(w, runs, feature_dim(feature)).clone()
 
     def forward(self, *args, **kwargs):  # pragma: no cover - the owner computes the experts' output
         raise RuntimeError("expert blocks are applied by their experts module's forward, not called directly")
@@ -150,8 +149,6 @@ class S2ExpertsMixin:
     @torch.no_grad()
     def merged_param(self, param: str) -> torch.Tensor:
         """A copy of 3-D parameter ``param`` with every installed delta on it folded in (fp32 add, one cast)."""
-        from .ops import merged_weight
-
         merged = getattr(self, param).detach().clone()
         for child in self.children():
             if isinstance(child, ExpertBlocks) and child.param == param:
@@ -178,15 +175,9 @@ class S2ExpertsMixin:
                 continue  # the size mismatch is reported by the parameter load below
             loaded = loaded.detach().to(base.device, base.dtype, copy=True)
             state_dict[prefix + child.param] = loaded
-            acc = torch.promote_types(base.dtype, torch.float32)
-            with torch.no_grad():
-                for key, d, (feature, runs) in zip(keys, child.deltas, child.specs):
-                    dim = 0 if feature == "out" else 1
-                    lw, bw = loaded[child.expert], base[child.expert]
-                    diff = gather_runs(lw, runs, dim).to(acc) - gather_runs(bw, runs, dim).to(acc)
-                    state_dict[key] = diff.to(d.dtype)
-                    for s, e in runs:
-                        lw.narrow(dim, s, e - s).copy_(bw.narrow(dim, s, e - s))
+            diffs = split_merged_(loaded[child.expert], base[child.expert], child.specs)
+            for key, d, diff in zip(keys, child.deltas, diffs):
+                state_dict[key] = diff.to(d.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -205,23 +196,24 @@ def _mixed_class(cls: type) -> type:
 
 
 def attach_expert_blocks(owner: nn.Module, blocks: Mapping[str, ExpertBlocks]) -> None:
-    """Register ``blocks`` (by their ``"<param>[e]"`` child names) and switch ``owner`` to the S2 forward."""
+    """Register ``blocks`` (by their ``"<param>[e]"`` child names) and switch ``owner`` to the S2 forward.
+
+    Idempotent (a rollback may run it on an owner that still has them).
+    """
     for child_name, b in blocks.items():
         owner.add_module(child_name, b)
-    owner.__class__ = _mixed_class(type(owner))
+    owner.__class__ = _mixed_class(_stock_class(type(owner)) if isinstance(owner, S2ExpertsMixin) else type(owner))
 
 
-@torch.no_grad()
-def detach_expert_blocks(owner: nn.Module, merge: bool) -> None:
-    """Undo `attach_expert_blocks`; with ``merge`` the deltas are first written into the 3-D weights."""
-    params = {c.param for c in owner.children() if isinstance(c, ExpertBlocks)}
-    if merge:
-        merged = {p: owner.merged_param(p) for p in params}
-        for p, m in merged.items():
-            getattr(owner, p).copy_(m)
+def detach_expert_blocks(owner: nn.Module, stock: type | None = None) -> None:
+    """Undo `attach_expert_blocks`: remove the expert blocks and give ``owner`` back its ``stock`` class.
+
+    Idempotent (a rollback may run it on an owner that never got them). Merging is `layers.uninstall`'s.
+    """
     for name in [n for n, c in owner.named_children() if isinstance(c, ExpertBlocks)]:
         delattr(owner, name)
-    owner.__class__ = _stock_class(type(owner))
+    if isinstance(owner, S2ExpertsMixin):
+        owner.__class__ = stock or _stock_class(type(owner))
 
 
 class ExpertDeltas(NamedTuple):

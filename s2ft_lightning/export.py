@@ -12,8 +12,10 @@ from torch import nn
 
 from s2ft_lightning import layers
 from s2ft_lightning.atomic import atomic_directory
+from s2ft_lightning.blocks import dense, is_quantized
 from s2ft_lightning.pipeline import applied_plan
-from s2ft_lightning.quantize import QUANTIZED_ATTR, dense, is_quantized
+from s2ft_lightning.quantize import forget_quantization
+from s2ft_lightning.state import S2State
 from surgery.plan import PlanError, S2Plan
 from surgery.planner import plan_id, unapply_plan
 
@@ -24,6 +26,7 @@ def merged_copy(model: nn.Module, plan: S2Plan | None = None, dtype: torch.dtype
     The copy is a stock model (no applied plan, every parameter trainable as loaded); the unpermutation is
     verified to keep the function. ``plan`` defaults to the one applied to ``model``.
     """
+    S2State.checked(model)
     applied = applied_plan(model)
     if applied is None:
         raise PlanError("this model carries no applied S2 plan: it is not an S²FT-prepared model")
@@ -32,7 +35,7 @@ def merged_copy(model: nn.Module, plan: S2Plan | None = None, dtype: torch.dtype
     # A quantized base is copied dense (its dequantized values), so merging adds in fp32 exactly as on any base.
     memo = {id(p): nn.Parameter(dense(p).clone(), requires_grad=False) for p in model.parameters() if is_quantized(p)}
     out = copy.deepcopy(model, memo)
-    out.__dict__.pop(QUANTIZED_ATTR, None)
+    forget_quantization(out)  # the copy's weights are dense
     if layers.installed(out):
         layers.uninstall(out, merge=True)
     for p in out.parameters():

@@ -14,17 +14,41 @@ State dicts come in two forms (docs/ARCHITECTURE.md, "Trained state"):
   dict into an installed model moves the difference to the base back into the deltas.
 - ``"split"`` (inside ``state_dict_form("split")``): ``weight`` = base and ``delta_<i>`` keys; what
   checkpoints are cut from (`trainable_state_dict` keeps only the trainable keys).
+
+`install` and `uninstall` run in the model's transaction (`surgery.transaction`) and record what they change in
+the model's `S2State` (saved ``requires_grad`` flags, swapped experts classes): a failure or an interrupt at any
+point puts every module, flag and class back.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
+import functools
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from s2ft_lightning.blocks import (
+    block_shape,
+    feature_dim,
+    gather_runs,
+    is_quantized,
+    merge_values,
+    merged_weight,
+    split_merged_,
+    write_runs_,
+)
+from s2ft_lightning.deltas import DeltaBlocks, S2InstallError
+from s2ft_lightning.experts import (
+    ExpertBlocks,
+    S2ExpertsMixin,
+    attach_expert_blocks,
+    check_experts,
+    detach_expert_blocks,
+)
+from s2ft_lightning.ops import delta_linear
+from s2ft_lightning.state import FORMS, S2State, current_form, state_dict_form
 from surgery.linear import (
     ExpertLinear,
     is_conv1d,
@@ -36,15 +60,16 @@ from surgery.linear import (
 )
 from surgery.plan import BlockSlice, S2Plan
 from surgery.planner import applied_plan_id, plan_id
-
-from .ops import delta_linear, gather_runs, merged_weight
-from .quantize import is_quantized
+from surgery.transaction import Transaction, check_intact, transaction
 
 __all__ = [
+    "FORMS",
+    "DeltaBlocks",
     "S2InstallError",
     "S2Linear",
     "block_parameters",
     "check_installable",
+    "current_form",
     "install",
     "installed",
     "state_dict_form",
@@ -52,75 +77,6 @@ __all__ = [
     "trainable_state_dict",
     "uninstall",
 ]
-
-_STATE_ATTR = "_s2ft_saved_requires_grad"
-_FORM: ContextVar[str] = ContextVar("s2ft_state_dict_form", default="merged")
-FORMS = ("merged", "split")
-
-
-@contextlib.contextmanager
-def state_dict_form(form: str) -> Iterator[None]:
-    """Within this block, S2 layers write state dicts in ``form`` ("merged" or "split")."""
-    if form not in FORMS:
-        raise ValueError(f"state dict form {form!r} is not one of {FORMS}")
-    token = _FORM.set(form)
-    try:
-        yield
-    finally:
-        _FORM.reset(token)
-
-
-def current_form() -> str:
-    """The state-dict form S2 layers write now ("merged" unless inside ``state_dict_form("split")``)."""
-    return _FORM.get()
-
-
-class S2InstallError(ValueError):
-    """A plan or block set that cannot be installed on this model (the model is left untouched)."""
-
-
-def _block_shape(feature: str, runs: Sequence[tuple[int, int]], out_f: int, in_f: int) -> tuple[int, int]:
-    k = sum(e - s for s, e in runs)
-    return (k, in_f) if feature == "out" else (out_f, k)
-
-
-class DeltaBlocks(nn.Module):
-    """Trainable deltas on planned rows/columns of one logical ``[out, in]`` weight (``self.weight``).
-
-    The part S2Linear and the expert blocks (`s2ft_lightning.experts`) share: delta parameters ``delta_<i>`` in
-    spec order, the base values under them, the merged weight.
-    """
-
-    transposed = False  # Conv1D storage ([in, out]) when True
-
-    def _add_deltas(self, slices: Sequence[BlockSlice], dtype: torch.dtype, device: torch.device) -> None:
-        self.slices = [BlockSlice(s.module, s.role, s.feature, list(s.runs), list(s.original)) for s in slices]
-        self.specs = tuple((s.feature, tuple((int(a), int(b)) for a, b in s.runs)) for s in self.slices)
-        for i, (feature, runs) in enumerate(self.specs):
-            shape = _block_shape(feature, runs, self.out_features, self.in_features)
-            self.register_parameter(f"delta_{i}", nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)))
-
-    @property
-    def deltas(self) -> list[nn.Parameter]:
-        """The trainable updates, one per block, in spec order."""
-        return [getattr(self, f"delta_{i}") for i in range(len(self.specs))]
-
-    def base_block(self, i: int) -> torch.Tensor:
-        """The frozen base values under block ``i`` (logical orientation, a copy).
-
-        On a sharded (DTensor) weight this is a collective that gathers only these rows/columns.
-        """
-        from s2ft_lightning.sharding import full
-
-        kept = self.__dict__.get("_base_blocks")
-        if kept is not None:  # the base was quantized after these were read: the original values
-            return kept[i].clone()
-        feature, runs = self.specs[i]
-        return full(gather_runs(logical(self.weight, self.transposed), runs, 0 if feature == "out" else 1)).clone()
-
-    def keep_base_blocks(self) -> None:
-        """Remember the base values under the blocks (before the base is quantized), for adapters and checks."""
-        self.__dict__["_base_blocks"] = [self.base_block(i) for i in range(len(self.specs))]
 
 
 class S2Linear(DeltaBlocks):
@@ -142,27 +98,11 @@ class S2Linear(DeltaBlocks):
         """The weight with the deltas folded in (``cast(base_fp32 + Δ)``), in the base's layout and dtype."""
         return merged_weight(self.weight, self.deltas, self.specs, self.transposed)
 
-    @torch.no_grad()
-    def merge_into_base_(self) -> None:
-        """Write ``cast(base_fp32 + Δ)`` into the base weight at the blocks (in place, for uninstall).
-
-        A quantized base is replaced by its dequantized values with the blocks merged in.
-        """
-        if is_quantized(self.weight):
-            self.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
-            return
-        merged = logical(self.merged_weight(), self.transposed)
-        w = logical(self.weight, self.transposed)
-        for feature, runs in self.specs:
-            dim = 0 if feature == "out" else 1
-            for s, e in runs:
-                w.narrow(dim, s, e - s).copy_(merged.narrow(dim, s, e - s))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return delta_linear(x, self.weight, self.bias, self.deltas, self.specs, transposed=self.transposed)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        if _FORM.get() == "split":
+        if current_form() == "split":
             super()._save_to_state_dict(destination, prefix, keep_vars)
             return
         destination[prefix + "weight"] = self.merged_weight()
@@ -185,16 +125,9 @@ class S2Linear(DeltaBlocks):
         ):
             # Merged form: keep our base under the blocks and move the difference into the deltas.
             split = loaded.detach().to(self.weight.device, self.weight.dtype, copy=True)
-            lw, bw = logical(split, self.transposed), logical(self.weight, self.transposed)
-            acc = torch.promote_types(self.weight.dtype, torch.float32)
-            with torch.no_grad():
-                for key, d, (feature, runs) in zip(dkeys, self.deltas, self.specs):
-                    dim = 0 if feature == "out" else 1
-                    state_dict[key] = (gather_runs(lw, runs, dim).to(acc) - gather_runs(bw, runs, dim).to(acc)).to(
-                        d.dtype
-                    )
-                    for s, e in runs:
-                        lw.narrow(dim, s, e - s).copy_(bw.narrow(dim, s, e - s))
+            diffs = split_merged_(logical(split, self.transposed), self.logical_weight(), self.specs)
+            for key, d, diff in zip(dkeys, self.deltas, diffs):
+                state_dict[key] = diff.to(d.dtype)
             state_dict[wkey] = split
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -220,7 +153,7 @@ def _validate(
     for name in by_module:  # experts of 3-D MoE weights (`surgery.linear.ExpertLinear`) are not modules
         parts = split_expert_name(name)
         if parts is not None and parts[0] in mods:
-            with contextlib.suppress(AttributeError):
+            with contextlib.suppress(AttributeError):  # reported below as a module that is not in the model
                 mods[name] = resolve_linear(model, name)
     found: dict[str, nn.Module] = {}
     for name, slices in by_module.items():
@@ -237,12 +170,9 @@ def _validate(
                 "transformers Conv1D or 3-D MoE expert weights"
             )
         if isinstance(mod, ExpertLinear):
-            from .experts import check_experts
-
             check_experts(mod.owner, name.rsplit(".", 1)[0])
         out_f, in_f = logical_shape(mod)
-        features = {s.feature for s in slices}
-        if len(features) > 1:
+        if len({s.feature for s in slices}) > 1:
             raise S2InstallError(f"module {name!r} has both row and column blocks; use one feature per module")
         taken: set[int] = set()
         for s in slices:
@@ -263,26 +193,26 @@ def _validate(
         if mod.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise S2InstallError(f"module {name!r} has weight dtype {mod.weight.dtype}; need a float weight")
         if init is not None and name in init:
-            vals = list(init[name])
-            if len(vals) != len(slices):
-                raise S2InstallError(f"init for {name!r} has {len(vals)} tensors for {len(slices)} slices")
-            dt = dtypes[name] or mod.weight.dtype
-            for s, v in zip(slices, vals):
-                shape = _block_shape(s.feature, s.runs, out_f, in_f)
-                if tuple(v.shape) != shape:
-                    raise S2InstallError(f"init block for {name!r} has shape {tuple(v.shape)}, expected {shape}")
-                if v.dtype != dt:
-                    raise S2InstallError(f"init block for {name!r} is {v.dtype}; expected {dt} (cast it first)")
-                if v.device != mod.weight.device:
-                    raise S2InstallError(
-                        f"init block for {name!r} is on {v.device} but the weight is on {mod.weight.device}"
-                    )
+            _check_init(name, slices, list(init[name]), dtypes[name] or mod.weight.dtype, mod, out_f, in_f)
         found[name] = mod
     if init is not None:
         extra = sorted(set(init) - set(by_module))
         if extra:
             raise S2InstallError(f"init has blocks for modules without slices: {extra[:5]}")
     return found
+
+
+def _check_init(name, slices, vals, dtype, mod, out_f: int, in_f: int) -> None:
+    if len(vals) != len(slices):
+        raise S2InstallError(f"init for {name!r} has {len(vals)} tensors for {len(slices)} slices")
+    for s, v in zip(slices, vals):
+        shape = block_shape(s.feature, s.runs, out_f, in_f)
+        if tuple(v.shape) != shape:
+            raise S2InstallError(f"init block for {name!r} has shape {tuple(v.shape)}, expected {shape}")
+        if v.dtype != dtype:
+            raise S2InstallError(f"init block for {name!r} is {v.dtype}; expected {dtype} (cast it first)")
+        if v.device != mod.weight.device:
+            raise S2InstallError(f"init block for {name!r} is on {v.device} but the weight is on {mod.weight.device}")
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -323,6 +253,26 @@ def _master_dtypes(model: nn.Module, names: Iterable[str], master_dtype) -> dict
     return dtypes
 
 
+def _checked_blocks(model, plan_or_slices, master_dtype, init, check_fingerprint: bool, permuted: bool):
+    """Every refusal of `install`, before anything changes: (slices by module, delta dtypes, target modules)."""
+    check_intact(model)
+    if installed(model):
+        raise S2InstallError("S2 blocks are already installed on this model; call uninstall(model) first")
+    if isinstance(plan_or_slices, S2Plan) and not permuted:
+        if check_fingerprint:
+            plan_or_slices.check_model(model)
+        slices = list(plan_or_slices.slices)
+    else:
+        slices = _resolve_slices(model, plan_or_slices, check_fingerprint)
+    if not slices:
+        raise S2InstallError("the plan has no slices: nothing to train")
+    by_module: dict[str, list[BlockSlice]] = {}
+    for s in slices:
+        by_module.setdefault(s.module, []).append(s)
+    dtypes = _master_dtypes(model, by_module, master_dtype)
+    return by_module, dtypes, _validate(model, by_module, dtypes, init)
+
+
 def check_installable(
     model: nn.Module,
     plan_or_slices: S2Plan | Iterable[BlockSlice],
@@ -337,20 +287,7 @@ def check_installable(
     ``permuted=False`` checks a plan against the model it is about to permute (shapes and module types do
     not change under permutation), so a refusal comes before any surgery.
     """
-    if installed(model):
-        raise S2InstallError("S2 blocks are already installed on this model; call uninstall(model) first")
-    if isinstance(plan_or_slices, S2Plan) and not permuted:
-        if check_fingerprint:
-            plan_or_slices.check_model(model)
-        slices = list(plan_or_slices.slices)
-    else:
-        slices = _resolve_slices(model, plan_or_slices, check_fingerprint)
-    if not slices:
-        raise S2InstallError("the plan has no slices: nothing to train")
-    by_module: dict[str, list[BlockSlice]] = {}
-    for s in slices:
-        by_module.setdefault(s.module, []).append(s)
-    _validate(model, by_module, _master_dtypes(model, by_module, master_dtype), init)
+    _checked_blocks(model, plan_or_slices, master_dtype, init, check_fingerprint, permuted)
 
 
 def install(
@@ -360,30 +297,18 @@ def install(
     master_dtype: torch.dtype | str | None = "auto",
     init: Mapping[str, Sequence[torch.Tensor]] | None = None,
     check_fingerprint: bool = True,
-) -> dict[str, S2Linear]:
+) -> dict[str, DeltaBlocks]:
     """Wrap each planned module in an ``S2Linear`` and freeze every other parameter of ``model``.
 
     A plan must have been applied to ``model`` (it is permuted by it); bare ``BlockSlice`` lists are taken
     as given. ``master_dtype``: ``"auto"`` = fp32 deltas for bf16/fp16 weights, else the weight dtype;
     ``None`` = the weight dtype; or a dtype. ``init`` optionally gives starting deltas per module (permuted
-    space; zeros otherwise). Everything is validated before the model is touched.
+    space; zeros otherwise). Everything is validated before the model is touched, and a failure or interrupt
+    midway puts every module, flag and class back.
     """
-    if installed(model):
-        raise S2InstallError("S2 blocks are already installed on this model; call uninstall(model) first")
-    slices = _resolve_slices(model, plan_or_slices, check_fingerprint)
-    if not slices:
-        raise S2InstallError("the plan has no slices: nothing to train")
-    by_module: dict[str, list[BlockSlice]] = {}
-    for s in slices:
-        by_module.setdefault(s.module, []).append(s)
-    dtypes = _master_dtypes(model, by_module, master_dtype)
-    mods = _validate(model, by_module, dtypes, init)
-
-    from .experts import ExpertBlocks, attach_expert_blocks
-
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    by_module, dtypes, mods = _checked_blocks(model, plan_or_slices, master_dtype, init, check_fingerprint, True)
     out: dict[str, DeltaBlocks] = {}
-    for name, mod in mods.items():
+    for name, mod in mods.items():  # built off the model: nothing changes yet
         if isinstance(mod, ExpertLinear):
             wrapper = ExpertBlocks(mod.owner, mod.param, mod.expert, by_module[name], dtypes[name])
         else:
@@ -392,58 +317,120 @@ def install(
             with torch.no_grad():
                 for d, v in zip(wrapper.deltas, init[name]):
                     d.copy_(v)
-        out[name] = wrapper
-    for p in model.parameters():
-        p.requires_grad_(False)
-    experts: dict[str, dict[str, ExpertBlocks]] = {}
-    for name, wrapper in out.items():
-        if isinstance(wrapper, ExpertBlocks):
-            owner, _, child = name.rpartition(".")
-            experts.setdefault(owner, {})[child] = wrapper
-        else:
-            _set_child(model, name, wrapper)
         for d in wrapper.deltas:
             d.requires_grad_(True)
-    for owner, blocks in experts.items():
-        attach_expert_blocks(model.get_submodule(owner), blocks)
-    model.__dict__[_STATE_ATTR] = saved
+        out[name] = wrapper
+    with transaction(model, "installing S2 layers", S2State) as txn:
+        state = S2State.of(model)
+        saved = {n: p.requires_grad for n, p in model.named_parameters()}
+        txn.on_rollback(functools.partial(_set_flags, model, saved), "freezing the base")
+        state.requires_grad = saved
+        for p in model.parameters():
+            p.requires_grad_(False)
+        experts: dict[str, dict[str, ExpertBlocks]] = {}
+        for name, wrapper in out.items():
+            if isinstance(wrapper, ExpertBlocks):
+                owner, _, child = name.rpartition(".")
+                experts.setdefault(owner, {})[child] = wrapper
+            else:
+                txn.on_rollback(functools.partial(_set_child, model, name, mods[name]), f"the S2 layer of {name}")
+                _set_child(model, name, wrapper)
+        for owner_name, blocks in experts.items():
+            _attach_experts(txn, state, model.get_submodule(owner_name), owner_name, blocks)
     return out
 
 
-def uninstall(model: nn.Module, merge: bool = True) -> dict[str, nn.Module]:
-    """Put the original modules back: with the deltas merged in (``merge=True``) or the untouched base."""
-    from .experts import S2ExpertsMixin, detach_expert_blocks
+def _attach_experts(txn: Transaction, state: S2State, owner: nn.Module, name: str, blocks) -> None:
+    stock = type(owner)
+    txn.on_rollback(functools.partial(detach_expert_blocks, owner, stock), f"the S2 forward of {name}")
+    state.experts = {**state.experts, name: stock}
+    attach_expert_blocks(owner, blocks)
 
+
+def _set_flags(model: nn.Module, flags: Mapping[str, bool], default: bool = True) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, default))
+
+
+def uninstall(model: nn.Module, merge: bool = True) -> dict[str, nn.Module]:
+    """Put the original modules back: with the deltas merged in (``merge=True``) or the untouched base.
+
+    All-or-nothing: a failure or interrupt midway leaves the S2 layers installed as they were.
+    """
+    check_intact(model)
     wrappers = installed(model)
     if not wrappers:
         raise S2InstallError("no S2 blocks are installed on this model")
-    restored = {}
-    for name, owner in list(model.named_modules()):
-        if isinstance(owner, S2ExpertsMixin):
-            detach_expert_blocks(owner, merge)
-            restored[name] = owner
-    for name, w in wrappers.items():
-        if not isinstance(w, S2Linear):
-            continue
-        if merge:
-            w.merge_into_base_()
-        base = w.base_module
-        base.weight, base.bias = w.weight, w.bias  # in case the wrapper's params were replaced (e.g. .to())
-        _set_child(model, name, base)
-        restored[name] = base
-    saved = model.__dict__.pop(_STATE_ATTR, {})
-    for n, p in model.named_parameters():
-        p.requires_grad_(saved.get(n, True))
+    restored: dict[str, nn.Module] = {}
+    with transaction(model, "uninstalling S2 layers", S2State) as txn:
+        state = S2State.of(model)
+        for name, owner in list(model.named_modules()):
+            if isinstance(owner, S2ExpertsMixin):
+                blocks = {n: c for n, c in owner.named_children() if isinstance(c, ExpertBlocks)}
+                if merge:
+                    for child in blocks.values():
+                        _merge_runs(txn, child, child.weight, f"{name}.{child.param}[{child.expert}]")
+                txn.on_rollback(functools.partial(attach_expert_blocks, owner, blocks), f"the S2 forward of {name}")
+                detach_expert_blocks(owner, state.experts.get(name))
+                restored[name] = owner
+        for name, w in wrappers.items():
+            if not isinstance(w, S2Linear):
+                continue
+            base = w.base_module
+            if merge and is_quantized(w.weight):  # the base becomes its dequantized values with the blocks merged
+                old = w.weight
+                with txn.step(functools.partial(_set_weight, w, base, old), f"the merge into {name}"):
+                    _set_weight(w, base, nn.Parameter(w.merged_weight(), requires_grad=False))
+            elif merge:
+                _merge_runs(txn, w, logical(w.weight, w.transposed), name)
+            # in case the wrapper's parameters were replaced (e.g. by .to())
+            old_params = (base.weight, base.bias)
+            txn.on_rollback(functools.partial(_set_params, base, *old_params), f"the parameters of {name}")
+            _set_params(base, w.weight, w.bias)
+            txn.on_rollback(functools.partial(_set_child, model, name, w), f"the S2 layer of {name}")
+            _set_child(model, name, base)
+            restored[name] = base
+        current = {n: p.requires_grad for n, p in model.named_parameters()}
+        txn.on_rollback(functools.partial(_set_flags, model, current), "the base's requires_grad flags")
+        _set_flags(model, state.requires_grad or {})
+        state.forget_install()
     return restored
+
+
+def _set_weight(w: S2Linear, base: nn.Module, weight: nn.Parameter) -> None:
+    w.weight = weight
+    base.weight = weight
+
+
+def _set_params(module: nn.Module, weight, bias) -> None:
+    module.weight, module.bias = weight, bias
+
+
+def _merge_runs(txn: Transaction, blocks: DeltaBlocks, lw: torch.Tensor, name: str) -> None:
+    """Write ``cast(base_fp32 + Δ)`` into the logical weight ``lw`` at each block, journaled (old values kept)."""
+    with torch.no_grad():
+        for d, (feature, runs) in zip(blocks.deltas, blocks.specs):
+            dim = feature_dim(feature)
+            old = gather_runs(lw, runs, dim).clone()
+            new = merge_values(old, d.detach())
+            with txn.step(functools.partial(_write, lw, runs, old, dim), f"the merge into {name}"):
+                _write(lw, runs, new, dim)
+
+
+@torch.no_grad()
+def _write(t: torch.Tensor, runs, vals: torch.Tensor, dim: int) -> None:
+    write_runs_(t, runs, vals, dim)  # no_grad: an undo may run after the base's flags are restored
 
 
 def block_parameters(model: nn.Module) -> list[nn.Parameter]:
     """All trainable delta parameters, in module order."""
+    check_intact(model)
     return [p for w in installed(model).values() for p in w.deltas]
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{"<module>.delta_<i>": tensor}`` of the deltas (detached, permuted index space)."""
+    check_intact(model)
     return {f"{n}.delta_{i}": p.detach() for n, w in installed(model).items() for i, p in enumerate(w.deltas)}
 
 

@@ -108,7 +108,7 @@ class S2FTModule(L.LightningModule):
             self._load_base()
         if self.plan is not None or _LOADING_CHECKPOINT.get():
             return
-        if self._trainer is None and self.s2.strategy != "random" and self.attachment.plan_path is None:
+        if self._trainer is None and self.s2.needs_data and self.attachment.plan_path is None:
             return
         self.attachment.prepare(self, self._trainer)
         self._after_prepare()

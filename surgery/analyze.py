@@ -16,7 +16,9 @@ from .graph import GraphError, build_graph
 from .graph import cross_check as graph_cross_check
 from .heads import HeadConfigError, HeadInfo, head_info
 from .linear import expert_name, linear_shape
+from .probe import ProbeError, probe_structures
 from .structures import Coupling, Member, ModelStructures
+from .transaction import check_intact
 
 
 class StructureError(ValueError):
@@ -556,6 +558,7 @@ def analyze(
     With ``probe`` (default) the result is proven on the model: every coupling is moved by a legal permutation
     and the function checked (`surgery.probe`), so a wrong analysis fails here, whatever a plan later selects.
     """
+    check_intact(model)
     finder = _Finder(model)
     finder.run()
     couplings = sorted(finder.couplings, key=lambda c: (c.layer, {"heads": 0, "experts": 1, "ffn": 2}[c.kind]))
@@ -585,8 +588,6 @@ def analyze(
         model_type=model_type, num_layers=num_layers, couplings=couplings, tied=finder.tied, notes=notes
     )
     if probe:
-        from surgery.probe import ProbeError, probe_structures
-
         try:
             moved = probe_structures(model, structures)
         except ProbeError as e:

@@ -20,6 +20,8 @@ from torch import nn
 
 from .linear import Conv1D, linear_shape
 from .structures import Coupling, Member
+from .transaction import deferred_interrupts
+from .verify import logits_of
 
 DEFAULT_TIME_BUDGET_S = 60.0
 _CHECK_EVERY = 256  # traversal steps between clock reads
@@ -100,12 +102,13 @@ def traced_state(model: nn.Module) -> Iterator[None]:
         with torch.enable_grad():
             yield
     finally:
-        for cfg, impl in configs:
-            _set_attn(cfg, impl)
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        for m, t in modes.items():
-            m.training = t
+        with deferred_interrupts():  # an interrupt cannot leave the model half-restored
+            for cfg, impl in configs:
+                _set_attn(cfg, impl)
+            for p, f in flags.items():
+                p.requires_grad_(f)
+            for m, t in modes.items():
+                m.training = t
 
 
 class _Budget:
@@ -145,14 +148,33 @@ def _patched(budget: _Budget, fix_concat: bool = True) -> Iterator[None]:
         budget.tick()
         return orig_trig(self, pruning_fn)
 
-    if fix_concat:
-        im.update_concat_index_mapping = concat
-    dep_mod.Dependency.is_triggered_by = triggered
     try:
+        if fix_concat:
+            im.update_concat_index_mapping = concat
+        dep_mod.Dependency.is_triggered_by = triggered
         yield
     finally:
-        im.update_concat_index_mapping = orig_concat
-        dep_mod.Dependency.is_triggered_by = orig_trig
+        with deferred_interrupts():
+            im.update_concat_index_mapping = orig_concat
+            dep_mod.Dependency.is_triggered_by = orig_trig
+
+
+@contextlib.contextmanager
+def _hooks_removed_on_failure(model: nn.Module) -> Iterator[None]:
+    """torch-pruning registers forward hooks while it traces and leaves them when tracing fails: remove them."""
+    before = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in model.modules()}
+    try:
+        yield
+    except BaseException:
+        with deferred_interrupts():
+            for m, (post, pre) in before.items():
+                for k in set(m._forward_hooks) - post:
+                    for table in (m._forward_hooks, m._forward_hooks_with_kwargs, m._forward_hooks_always_called):
+                        table.pop(k, None)
+                for k in set(m._forward_pre_hooks) - pre:
+                    for table in (m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs):
+                        table.pop(k, None)
+        raise
 
 
 def _example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -176,11 +198,7 @@ def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
             out = model(**inputs)
     else:
         out = model(inputs)
-    for key in ("logits", "last_hidden_state"):
-        t = getattr(out, key, None)
-        if isinstance(t, torch.Tensor):
-            return t
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return logits_of(out)
 
 
 def _unwrapped(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
@@ -210,7 +228,7 @@ def build_graph(
     inputs = _example_inputs(model) if example_inputs is None else example_inputs
     pruners = {Conv1D: _conv1d_pruner()} if Conv1D is not None else None
     budget = _Budget(time_budget_s, "graph build")
-    with traced_state(model), _patched(budget):
+    with traced_state(model), _patched(budget), _hooks_removed_on_failure(model):
         try:
             dg = tp.DependencyGraph().build_dependency(
                 model,

@@ -1,16 +1,20 @@
-"""Apply permutations of a coupling's unit indices to every member, legally and transactionally.
+"""Apply permutations of a coupling's unit indices to every member, legally and all-or-nothing.
 
 Convention (as in `surgery.plan`): new position ``p`` holds old index ``perm[p]``. Legality is checked
-before any tensor is touched; the touched tensors are snapshotted and restored bit-exactly on failure.
+before any tensor is touched. Each member's move is journaled with its exact inverse (a pure data move, so
+undoing it restores the bytes without a copy of the weights) in the model's transaction (`surgery.transaction`):
+any failure or interrupt moves every moved member back.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 from surgery.structures import Coupling, Member
+from surgery.transaction import Transaction, transaction
 
 
 class IllegalPermutation(ValueError):
@@ -179,16 +183,11 @@ def touched_tensors(model: torch.nn.Module, couplings: Iterable[Coupling]) -> li
     return [_param(model, m.param) for c in couplings for m in c.members]
 
 
-def apply_permutations(
-    model: torch.nn.Module,
-    items: Sequence[tuple[Coupling, Sequence[int]]],
-    *,
-    tied: Sequence[tuple[str, str]] = (),
-    transactional: bool = True,
-) -> None:
-    """Permute several couplings all-or-nothing: check every one, snapshot, apply, restore on failure.
+def apply_permutations(model: torch.nn.Module, items: Sequence[tuple[Coupling, Sequence[int]]]) -> None:
+    """Permute several couplings all-or-nothing: check every one, then move each member, journaled.
 
-    ``transactional=False`` skips the snapshot when the caller already holds one (e.g. `verify_function`).
+    Inside a running transaction (`surgery.transaction`) the moves join its journal, so they are undone with
+    the rest of it; on their own they are undone if any move fails.
     """
     plans = []
     for coupling, perm in items:
@@ -198,27 +197,25 @@ def apply_permutations(
             t = _param(model, m.param)
             _check_shape(coupling, m, t, coupling.num_groups if m.level == "group" else coupling.size)
         plans.append((coupling, perm, gperm))
-    _transact(model, plans, _unit_src, tied, transactional)
+    with transaction(model, "permuting couplings") as txn:
+        _move(model, plans, _unit_src, txn)
 
 
-def _transact(model, plans, src_fn, tied: Sequence[tuple[str, str]], transactional: bool = True) -> None:
-    snap = Snapshot(touched_tensors(model, [c for c, _, _ in plans]) if transactional else [])
+def _move(model, plans, src_fn, txn: Transaction) -> None:
+    """Move every member of ``plans``; each move is journaled with its inverse index map."""
     done: set[tuple] = set()
-    try:
-        for coupling, perm, gperm in plans:
-            for m in coupling.members:
-                t = _param(model, m.param)
-                view, axis = pinned_view(t, m)
-                # Tied parameters share storage: the same index map on the same storage runs once.
-                key = (_storage_key(t), m.axis, m.fixed, m.offset, m.step, m.unit, m.count, coupling.name)
-                if key in done:
-                    continue
-                done.add(key)
-                idx = _element_map(m, view.shape[axis], src_fn(coupling, m, perm, gperm))
+    for coupling, perm, gperm in plans:
+        for m in coupling.members:
+            t = _param(model, m.param)
+            view, axis = pinned_view(t, m)
+            # Tied parameters share storage: the same index map on the same storage runs once.
+            key = (_storage_key(t), m.axis, m.fixed, m.offset, m.step, m.unit, m.count, coupling.name)
+            if key in done:
+                continue
+            done.add(key)
+            idx = _element_map(m, view.shape[axis], src_fn(coupling, m, perm, gperm))
+            with txn.step(functools.partial(_apply_member, t, m, torch.argsort(idx)), f"the move of {m.param}"):
                 _apply_member(t, m, idx)
-    except BaseException:
-        snap.restore()
-        raise
 
 
 def permute_coupling(
@@ -226,17 +223,15 @@ def permute_coupling(
     coupling: Coupling,
     perm: Sequence[int],
     *,
-    tied: Sequence[tuple[str, str]] = (),
     members: Sequence[Member] | None = None,
 ) -> None:
     """Apply ``perm`` (new position p holds old unit index perm[p]) to every member of ``coupling``.
 
-    ``members`` exists only to be refused when it is a strict subset: a coupling moves as a whole.
-    Tied parameters are recognised by shared storage and permuted once; ``tied`` (the aliases from
-    `ModelStructures.tied`) is accepted for symmetry with `apply_permutations` and not needed.
+    ``members`` exists only to be refused when it is a strict subset: a coupling moves as a whole. Tied
+    parameters are recognised by shared storage and permuted once.
     """
     _check_members(coupling, members)
-    apply_permutations(model, [(coupling, perm)], tied=tied)
+    apply_permutations(model, [(coupling, perm)])
 
 
 def _split_elements(coupling: Coupling, elem_perm: Sequence[int]) -> tuple[list[int], list[list[int]]]:
@@ -267,8 +262,6 @@ def permute_elements(
     model: torch.nn.Module,
     coupling: Coupling,
     elem_perm: Sequence[int],
-    *,
-    tied: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Lower-level API: permute the ``size * head_dim`` elements of a coupling (head dims included).
 
@@ -279,7 +272,7 @@ def permute_elements(
     u = len(inner[0]) if inner else 1
     moved_inside = [h for h, s in enumerate(inner) if s != list(range(u))]
     if not moved_inside:
-        return permute_coupling(model, coupling, perm, tied=tied)
+        return permute_coupling(model, coupling, perm)
     if coupling.rope:
         raise IllegalPermutation(
             f"{_where(coupling)}: element permutation reorders dimensions inside heads {moved_inside[:8]}; "
@@ -310,7 +303,8 @@ def permute_elements(
         sigma = torch.tensor([inner[new * r] if group else inner[new] for new in range(m.count)])
         return m.offset + torch.as_tensor(olds).reshape(-1, 1) * m.step + sigma
 
-    _transact(model, [(coupling, perm, gperm)], src, tied)
+    with transaction(model, "permuting elements") as txn:
+        _move(model, [(coupling, perm, gperm)], src, txn)
 
 
 def front_permutation(coupling: Coupling, selected_by_role: Mapping[str, Sequence[int]]) -> list[int]:

@@ -2,8 +2,8 @@
 
 The plan stores the couplings it permutes (``settings["couplings"]``) so a saved plan can be applied
 to a fresh copy of the same model without re-analysing it, and checked: its slices must follow from its
-permutations and selection. A model carries the plan applied to it (attribute ``_s2ft_applied_plan``, the
-one "applied" marker) so surgery is never done twice, and `unapply_plan` undoes it.
+permutations and selection. A model records the plan applied to it in its one surgery record
+(`surgery.transaction.record_of`), so surgery is never done twice, and `unapply_plan` undoes it.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from surgery.permute import (
     group_permutation,
     inverse,
     runs_of,
-    touched_tensors,
 )
 from surgery.plan import BlockSlice, PlanError, S2Plan, model_fingerprint
 from surgery.select import role_members, select
 from surgery.structures import Coupling, Member, ModelStructures
+from surgery.transaction import RECORD_ATTR, check_intact, record_of, transaction
 from surgery.verify import verify_function
 
-APPLIED_ATTR = "_s2ft_applied_plan"
+APPLIED_ATTR = RECORD_ATTR  # the model attribute holding its surgery record (and so the applied plan)
 
 
 def plan_id(plan: S2Plan) -> str:
@@ -45,7 +45,8 @@ def plan_id(plan: S2Plan) -> str:
 
 def applied_plan(model: torch.nn.Module) -> S2Plan | None:
     """The plan ``model`` is permuted by (with its certificate), or None for an untouched model."""
-    return model.__dict__.get(APPLIED_ATTR)
+    rec = record_of(model)
+    return None if rec is None else rec.plan
 
 
 def applied_plan_id(model: torch.nn.Module) -> str | None:
@@ -59,7 +60,7 @@ def _structures(model: torch.nn.Module, structures: ModelStructures | None) -> M
         return structures
     from surgery.analyze import analyze  # late import: analysis is the expensive, optional step
 
-    return analyze(model)
+    return analyze(model)  # joins the transaction running on the model, if any
 
 
 def _member_slice(m: Member, perm: list[int], gperm: list[int], units: list[int]) -> tuple[list, list]:
@@ -106,6 +107,7 @@ def make_plan(
     rows; fused members include their offset; ``original`` maps back to the stock model.
     """
     cfg = resolve(config, settings)
+    check_intact(model)
     if applied_plan_id(model) is not None:
         raise PlanError(
             f"model already carries applied plan {applied_plan_id(model)}; make plans on an unpermuted model"
@@ -237,9 +239,11 @@ def apply_plan(
 ) -> S2Plan:
     """Permute ``model`` by ``plan`` (all couplings or none), verify the function, return plan + certificate.
 
-    Refuses a plan made for another model (fingerprint) and a model that already had a plan applied.
-    On an illegal permutation or a failed verification the model is restored bit-exactly.
+    Refuses a plan made for another model (fingerprint) and a model that already had a plan applied. On an
+    illegal permutation, a failed verification or any interrupt the model is restored bit-exactly (each move is
+    undone by its inverse; no copy of the weights is kept).
     """
+    check_intact(model)
     plan.validate()
     done = applied_plan_id(model)
     if done is not None:
@@ -252,48 +256,37 @@ def apply_plan(
     for c, perm in items:  # every legality check before anything is touched
         check_permutation(c, perm)
     check_plan_consistency(plan)  # the slices must follow from the (legal) permutations
-    tied = [tuple(t) for t in plan.settings.get("tied", [])]
-
-    def mutate() -> None:  # under verify, verify_function's snapshot of the same tensors is the rollback
-        apply_permutations(model, items, tied=tied, transactional=not verify)
-
-    certificate = None
-    if verify:
-        cert = verify_function(
-            model,
-            mutate,
-            n_inputs=n_inputs,
-            seq_len=seq_len,
-            restore=touched_tensors(model, [c for c, _ in items]),
-        )
-        certificate = cert.to_dict()
-    else:
-        mutate()
-    result = dataclasses.replace(plan, certificate=certificate)
-    model.__dict__[APPLIED_ATTR] = result  # a plain attribute: not a submodule, not in the state dict
+    with transaction(model, "applying an S2 plan"):
+        certificate = None
+        if verify:
+            cert = verify_function(
+                model, lambda: apply_permutations(model, items), n_inputs=n_inputs, seq_len=seq_len, journaled=True
+            )
+            certificate = cert.to_dict()
+        else:
+            apply_permutations(model, items)
+        result = dataclasses.replace(plan, certificate=certificate)
+        record_of(model).plan = result  # a plain attribute: not a submodule, not in the state dict
     return result
 
 
 def unapply_plan(model: torch.nn.Module, *, verify: bool = True) -> S2Plan:
-    """Undo the permutations of the plan applied to ``model`` (in place) and clear the applied marker.
+    """Undo the permutations of the plan applied to ``model`` (in place) and clear it from the model's record.
 
     With ``verify`` the function is checked unchanged (and the model restored on failure). Layers installed
     on top (``s2ft_lightning.layers``) must be removed first: the inverse permutation is of plain modules.
     """
+    check_intact(model)
     plan = applied_plan(model)
     if plan is None:
         raise PlanError("this model carries no applied S2 plan; there is nothing to undo")
     items = [(c, inverse(perm)) for c, perm in _plan_couplings(model, plan, None)]
-    tied = [tuple(t) for t in plan.settings.get("tied", [])]
-
-    def mutate() -> None:
-        apply_permutations(model, items, tied=tied, transactional=not verify)
-
-    if verify:
-        verify_function(model, mutate, restore=touched_tensors(model, [c for c, _ in items]))
-    else:
-        mutate()
-    del model.__dict__[APPLIED_ATTR]
+    with transaction(model, "undoing an S2 plan"):
+        if verify:
+            verify_function(model, lambda: apply_permutations(model, items), journaled=True)
+        else:
+            apply_permutations(model, items)
+        record_of(model).plan = None
     return plan
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from surgery.permute import apply_permutations, inverse
+from surgery.permute import apply_permutations
 from surgery.structures import Coupling, ModelStructures
-from surgery.verify import DTYPE_TOLERANCE, _forward, make_inputs, model_dtype
+from surgery.transaction import Transaction, transaction
+from surgery.verify import compare_logits, eval_mode, forward_logits, make_inputs, tolerance_for
 
 
 class ProbeError(ValueError):
@@ -36,51 +37,42 @@ def probe_permutation(c: Coupling) -> list[int] | None:
     return perm
 
 
-def _run(model, items, tied, inputs) -> torch.Tensor:
-    apply_permutations(model, items, tied=tied, transactional=False)
+def _moved_logits(model, items, inputs, txn: Transaction) -> torch.Tensor:
+    """Logits with ``items`` applied; the moves are journaled and undone before this returns (or raises)."""
+    point = txn.savepoint()
     try:
-        return _forward(model, inputs)
+        apply_permutations(model, items)
+        return forward_logits(model, inputs)
     finally:
-        apply_permutations(model, [(c, inverse(p)) for c, p in items], tied=tied, transactional=False)
-
-
-def _mismatch(before: torch.Tensor, after: torch.Tensor, tol: float) -> float | None:
-    if before.shape != after.shape:
-        return float("inf")
-    scale = float(before.abs().max()) or 1.0
-    rel = float((after - before).abs().max()) / scale
-    return None if rel <= tol and torch.isfinite(after).all() else rel
+        txn.rollback_to(point)
 
 
 @torch.no_grad()
 def probe_structures(model: torch.nn.Module, structures: ModelStructures, *, seed: int = 0) -> int:
     """Raise `ProbeError` naming every coupling whose rotation changes the function; return how many moved.
 
-    The model is left bit-identical either way, and in the training mode it had.
+    The model is left bit-identical either way (an interrupt included: the moves are journaled in the model's
+    transaction and undone), and in the training mode it had.
     """
     items = [(c, p) for c in structures.couplings if (p := probe_permutation(c)) is not None]
     if not items:
         return 0
-    modes = {m: m.training for m in model.modules()}
-    tol = DTYPE_TOLERANCE.get(model_dtype(model), 1e-4)
+    _, tol = tolerance_for(model)
     inputs = make_inputs(model, 2, 16, seed)
-    try:
-        model.eval()
-        before = _forward(model, inputs)
-        if _mismatch(before, _run(model, items, structures.tied, inputs), tol) is None:
+    with transaction(model, "the analysis probe") as txn, eval_mode(model):
+        before = forward_logits(model, inputs)
+        if compare_logits(before, _moved_logits(model, items, inputs, txn), tol).passed:
             return len(items)
         bad = []
         for layer in sorted({c.layer for c, _ in items}):
             for c, p in [(c, p) for c, p in items if c.layer == layer]:
-                rel = _mismatch(before, _run(model, [(c, p)], structures.tied, inputs), tol)
-                if rel is not None:
+                cmp = compare_logits(before, _moved_logits(model, [(c, p)], inputs, txn), tol)
+                if not cmp.passed:
                     params = sorted({m.param for m in c.members})[:4]
                     bad.append(
-                        f"layer {layer} {c.kind} coupling {c.name!r} ({params}...; |Δlogits| {rel:.2e} of scale)"
+                        f"layer {layer} {c.kind} coupling {c.name!r} ({params}...; |Δlogits| {cmp.rel_diff:.2e} of "
+                        "scale)"
                     )
-    finally:
-        for m, flag in modes.items():
-            m.training = flag
     detail = "; ".join(bad) if bad else "no single coupling fails alone; several interact"
     raise ProbeError(
         f"the structure analysis of {structures.model_type} is wrong: moving every coupling by a legal "

@@ -17,6 +17,8 @@ from surgery.config import RATIO_KEYS, STRATEGIES, SelectionConfig, SelectionErr
 from surgery.linear import split_expert_name
 from surgery.permute import member_index, pinned_view
 from surgery.structures import Coupling, Member, ModelStructures
+from surgery.transaction import deferred_interrupts
+from surgery.verify import eval_mode
 
 Selection = dict[str, dict[str, list[int]]]
 __all__ = ["STRATEGIES", "Selection", "SelectionConfig", "SelectionError", "role_level_size", "role_members", "select"]
@@ -89,15 +91,17 @@ def _activation_sq(model: torch.nn.Module, keys: set[tuple[str, str]], calibrati
 
         return hook
 
-    for name in sorted({k[0] for k in keys}):
-        hooks.append(model.get_submodule(name).register_forward_hook(make(name)))
     try:
+        for name in sorted({k[0] for k in keys}):
+            with deferred_interrupts():  # a hook is never registered without being kept for removal
+                hooks.append(model.get_submodule(name).register_forward_hook(make(name)))
         with torch.no_grad():
             for b in _batches(calibration):
                 model(**{k: v.to(_device(model)) for k, v in b.items() if k != "labels"})
     finally:
-        for h in hooks:
-            h.remove()
+        with deferred_interrupts():
+            for h in hooks:
+                h.remove()
     missing = keys - set(acc)
     if missing:
         raise SelectionError(f"calibration forward never reached modules {sorted(missing)[:4]}")
@@ -128,9 +132,10 @@ def _gradient_sq(model: torch.nn.Module, params: list[str], calibration) -> dict
         for n, p in wanted.items():
             grads[n] = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
     finally:
-        for p, f in flags.items():
-            p.grad = old_grads[p]
-            p.requires_grad_(f)
+        with deferred_interrupts():
+            for p, f in flags.items():
+                p.grad = old_grads[p]
+                p.requires_grad_(f)
     return grads
 
 
@@ -140,9 +145,7 @@ def _scores(model, work: list[tuple[Coupling, str]], strategy: str, calibration)
     need_w = strategy in ("weight", "weight_activation")
     need_a = strategy in ("activation", "weight_activation")
     acts = grads = None
-    modes = {mod: mod.training for mod in model.modules()}
-    try:
-        model.eval()
+    with eval_mode(model):
         if need_a:
             keys = {(m.module, m.feature) for c, r in work for m in role_members(c, r)}
             experts = sorted(k[0] for k in keys if split_expert_name(k[0]) is not None)
@@ -154,9 +157,6 @@ def _scores(model, work: list[tuple[Coupling, str]], strategy: str, calibration)
             acts = _activation_sq(model, keys, calibration)
         if strategy == "gradient":
             grads = _gradient_sq(model, sorted({m.param for c, r in work for m in c.by_role(r)}), calibration)
-    finally:
-        for mod, flag in modes.items():
-            mod.training = flag
     for c, role in work:
         n = role_level_size(c, role)
         w = torch.zeros(n)

@@ -1,5 +1,7 @@
 """Function-equivalence check for model surgery: same seeded inputs, same logits, or roll back.
 
+`compare_logits` is the one comparison of logits the project makes (verification and the probe use it).
+
 Precision: the check runs in the model's own dtype. fp32 models must agree to ``atol_rel`` (default
 1e-4 of the logit scale); bf16/fp16 models use a looser per-dtype tolerance (recorded in the
 certificate) because reordered sums round differently. Upcasting a copy would double memory on large
@@ -8,14 +10,16 @@ models, and a permutation moves values bit-exactly, so a dtype-level tolerance i
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from surgery.permute import Snapshot
+from surgery.transaction import deferred_interrupts, transaction
 
 # Relative tolerance per dtype (max |Δlogits| / max |logits|).
 DTYPE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -75,7 +79,8 @@ def make_inputs(model: torch.nn.Module, n_inputs: int, seq_len: int, seed: int) 
     return inputs
 
 
-def _logits(out: Any) -> torch.Tensor:
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits (or last hidden state) in a model's output, however it is packed."""
     for key in ("logits", "last_hidden_state"):
         v = getattr(out, key, None) if not isinstance(out, Mapping) else out.get(key)
         if isinstance(v, torch.Tensor):
@@ -87,12 +92,13 @@ def _logits(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find logits in model output of type {type(out).__name__}")
 
 
-def _forward(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def forward_logits(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on ``inputs`` as float64, without gradients or a KV cache."""
     kwargs = dict(inputs)
     if hasattr(getattr(model, "config", None), "use_cache"):
         kwargs.setdefault("use_cache", False)
     with torch.no_grad():
-        return _logits(model(**kwargs)).detach().double()
+        return logits_of(model(**kwargs)).detach().double()
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -102,6 +108,51 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
         if p.is_floating_point():
             counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
     return max(counts, key=counts.get) if counts else torch.float32
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; every module's training flag is put back, even on an interrupt."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        with deferred_interrupts():
+            for m, flag in modes.items():
+                m.training = flag
+
+
+@dataclass
+class Comparison:
+    """Two logits tensors compared: max |Δ|, the logit scale, Δ relative to it, finiteness and the verdict."""
+
+    max_abs_diff: float
+    rel_diff: float
+    logit_scale: float
+    tolerance: float
+    finite: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.finite and self.rel_diff <= self.tolerance
+
+
+def compare_logits(before: torch.Tensor, after: torch.Tensor, tolerance: float) -> Comparison:
+    """The one comparison of logits every check uses (verification, the probe): max |Δ| relative to the
+    logit scale of ``before``, against ``tolerance``; a shape change or a non-finite value fails."""
+    if before.shape != after.shape:
+        return Comparison(float("inf"), float("inf"), 0.0, tolerance, False)
+    diff = float((after - before).abs().max()) if before.numel() else 0.0
+    scale = float(before.abs().max()) if before.numel() else 0.0
+    finite = bool(torch.isfinite(after).all()) and bool(torch.isfinite(before).all())
+    return Comparison(diff, diff / max(scale, 1e-12), scale, tolerance, finite)
+
+
+def tolerance_for(model: torch.nn.Module, atol_rel: float | None = None) -> tuple[torch.dtype, float]:
+    """The model's dtype and the relative tolerance a check of it uses (``atol_rel`` or `DTYPE_TOLERANCE`)."""
+    dtype = model_dtype(model)
+    return dtype, DTYPE_TOLERANCE.get(dtype, 1e-4) if atol_rel is None else float(atol_rel)
 
 
 def verify_function(
@@ -114,62 +165,47 @@ def verify_function(
     atol_rel: float | None = None,
     inputs: Mapping[str, torch.Tensor] | None = None,
     restore: Iterable[torch.Tensor] | None = None,
+    journaled: bool = False,
 ) -> Certificate:
-    """Run ``mutate()`` between two seeded forwards and certify the logits did not change.
+    """Run ``mutate()`` between two seeded forwards and certify the logits did not change, or undo it.
 
-    ``restore`` names the tensors ``mutate`` may touch (default: all parameters and buffers); they are
-    snapshotted and put back bit-exactly if ``mutate`` raises or the check fails (`VerificationError`).
-    ``atol_rel`` defaults to the dtype's entry in `DTYPE_TOLERANCE`. Eval mode during the check; each
-    module's training flag is restored afterwards.
+    Runs in the model's transaction (`surgery.transaction`). ``journaled=True`` says ``mutate`` journals its own
+    changes there (as `surgery.permute.apply_permutations` does), so undoing needs no copy of the weights;
+    otherwise the tensors ``mutate`` may touch (``restore``, default: every parameter and buffer) are copied
+    first and put back bit-exactly if it raises or the check fails (`VerificationError`). ``atol_rel``
+    defaults to the dtype's entry in `DTYPE_TOLERANCE`. Eval mode during the check; training flags restored.
     """
     t0 = time.perf_counter()
-    dtype = model_dtype(model)
-    tol = DTYPE_TOLERANCE.get(dtype, 1e-4) if atol_rel is None else float(atol_rel)
-    if restore is None:
-        restore = [*model.parameters(), *model.buffers()]
-    snap = Snapshot(restore)
-    modes = {m: m.training for m in model.modules()}
+    dtype, tol = tolerance_for(model, atol_rel)
     if inputs is None:
         inputs = make_inputs(model, n_inputs, seq_len, seed)
     else:
         first = next(iter(inputs.values()))
         n_inputs, seq_len = int(first.shape[0]), int(first.shape[-1])
-    try:
-        model.eval()
-        before = _forward(model, inputs)
-        try:
-            mutate()
-        except BaseException:
-            snap.restore()
-            raise
-        after = _forward(model, inputs)
-    finally:
-        for m, flag in modes.items():
-            m.training = flag
-    if before.shape != after.shape:
-        snap.restore()
-        raise VerificationError(f"output shape changed from {tuple(before.shape)} to {tuple(after.shape)}")
-    diff = float((after - before).abs().max()) if before.numel() else 0.0
-    scale = float(before.abs().max()) if before.numel() else 0.0
-    finite = bool(torch.isfinite(after).all()) and bool(torch.isfinite(before).all())
-    rel = diff / max(scale, 1e-12)
-    cert = Certificate(
-        passed=finite and rel <= tol,
-        max_abs_diff=diff,
-        rel_diff=rel,
-        logit_scale=scale,
-        tolerance=tol,
-        dtype=str(dtype).replace("torch.", ""),
-        n_inputs=n_inputs,
-        seq_len=seq_len,
-        seed=seed,
-        seconds=time.perf_counter() - t0,
-    )
-    if not cert.passed:
-        snap.restore()
-        raise VerificationError(
-            f"surgery changed the model's function: max |Δlogits| {diff:.3e} = {rel:.3e} of the logit scale "
-            f"{scale:.3e} (tolerance {tol:.1e}, {cert.dtype}, finite={finite}); the model was restored. "
-            "This means a permutation was not legal for this architecture: check its structures."
+    with transaction(model, "a verified change") as txn, eval_mode(model):
+        before = forward_logits(model, inputs)
+        if not journaled:
+            snap = Snapshot([*model.parameters(), *model.buffers()] if restore is None else restore)
+            txn.on_rollback(snap.restore, "the verified change")
+        mutate()
+        cmp = compare_logits(before, forward_logits(model, inputs), tol)
+        cert = Certificate(
+            passed=cmp.passed,
+            max_abs_diff=cmp.max_abs_diff,
+            rel_diff=cmp.rel_diff,
+            logit_scale=cmp.logit_scale,
+            tolerance=tol,
+            dtype=str(dtype).replace("torch.", ""),
+            n_inputs=n_inputs,
+            seq_len=seq_len,
+            seed=seed,
+            seconds=time.perf_counter() - t0,
         )
+        if not cert.passed:
+            raise VerificationError(
+                f"surgery changed the model's function: max |Δlogits| {cmp.max_abs_diff:.3e} = {cmp.rel_diff:.3e} of "
+                f"the logit scale {cmp.logit_scale:.3e} (tolerance {tol:.1e}, {cert.dtype}, finite={cmp.finite}); "
+                "the model was restored. This means a permutation was not legal for this architecture: check its "
+                "structures."
+            )
     return cert

@@ -12,6 +12,7 @@ a switch is only tensor copies (restore the old positions, write the new ones), 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from s2ft_lightning.adapters.format import Adapter, AdapterError, check_base, get_module, module_kind
+from s2ft_lightning.blocks import accumulation_dtype, run_positions
 from surgery.linear import logical_weight
 
 
@@ -66,17 +68,6 @@ class _Block:
 
 
 _MAX_RUNS = 4  # write an index set as slice copies when it has at most this many contiguous runs
-
-
-def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
-    """Contiguous runs of sorted ``indices`` as ``(first index, position in indices, length)``."""
-    runs, start, src = [], indices[0], 0
-    for j in range(1, len(indices) + 1):
-        if j == len(indices) or indices[j] != indices[j - 1] + 1:
-            runs.append((start, src, indices[j - 1] - start + 1))
-            if j < len(indices):
-                start, src = indices[j], j
-    return runs
 
 
 @dataclass
@@ -165,7 +156,9 @@ class AdapterBank:
         self._blocks[name] = blocks
         try:
             self._entries[name] = self._prepare(adapter)
-            self._merged[name] = {1.0: self._composed_at(name, [(name, 1.0)])}
+            self._merged[name] = {}
+            with contextlib.suppress(AdapterError):  # a scale-1 merge that overflows is refused at merge time
+                self._merged[name][1.0] = self._composed_at(name, [(name, 1.0)])
         except BaseException:
             self.remove(name)
             raise
@@ -185,7 +178,7 @@ class AdapterBank:
                     axes.append(None)
                     continue
                 base = saved.rows_block(ids) if dim == 0 else saved.cols_block(ids)
-                runs = _runs(ids)
+                runs = run_positions(ids)
                 axes.append(
                     _Axis(
                         dim,
@@ -202,11 +195,22 @@ class AdapterBank:
     def _composed_at(
         self, name: str, active: Sequence[tuple[str, float]]
     ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """``cast(base_fp32 + Σ scale·delta)`` of ``active`` at each of ``name``'s entries (rows, columns)."""
+        """``cast(base_fp32 + Σ scale·delta)`` of ``active`` at each of ``name``'s entries (rows, columns).
+
+        Refuses a result that is not finite (a scale or a sum that overflows the weight dtype): nothing is
+        written before this returns.
+        """
         out = []
         for e in self._entries[name]:
             r = self._compose(e.module, "out", e.rows.indices, active).to(e.dtype) if e.rows else None
             c = self._compose(e.module, "in", e.cols.indices, active).to(e.dtype).contiguous() if e.cols else None
+            for v in (r, c):
+                if v is not None and not bool(torch.isfinite(v).all()):
+                    merged = ", ".join(f"{n!r} at scale {s:g}" for n, s in active)
+                    raise AdapterError(
+                        f"merging {merged} gives weights of {e.module!r} that are not finite in {e.dtype} (the scaled "
+                        "delta overflows it); nothing was written. Use a smaller scale"
+                    )
             out.append((r, c))
         return out
 
@@ -384,7 +388,7 @@ class AdapterBank:
         saved = self._saved[module]
         is_rows = feature == "out"
         base = saved.rows_block(idx) if is_rows else saved.cols_block(idx)
-        out = base.to(torch.promote_types(base.dtype, torch.float32))  # fp64 bases stay exact
+        out = base.to(accumulation_dtype(base.dtype))  # cast once by the caller
         dev = out.device
         where = {i: j for j, i in enumerate(idx)}
         idx_t = None

@@ -14,37 +14,31 @@ from s2ft_lightning.adapters.format import (
     Feature,
     get_module,
     module_kind,
-    read_block,
 )
+from s2ft_lightning.blocks import feature_dim, read_block
+from s2ft_lightning.deltas import DeltaBlocks
+from s2ft_lightning.experts import ExpertBlocks
 from s2ft_lightning.sharding import full
-from surgery.linear import logical_weight
+from s2ft_lightning.state import S2State
+from surgery.linear import logical_weight, split_expert_name
 from surgery.plan import S2Plan, model_fingerprint
 
 
 def block_delta(
-    module: str,
-    feature: Feature,
-    original: Iterable[int],
-    delta: torch.Tensor,
-    base: torch.Tensor,
-    other_perm: list[int] | None = None,
+    module: str, feature: Feature, original: Iterable[int], delta: torch.Tensor, base: torch.Tensor
 ) -> BlockDelta:
     """One trained block moved to original index space.
 
     ``delta``/``base`` are the block's update and the base values under it, in trained-position order (rows
-    ``(k, in)`` or columns ``(out, k)``, logical orientation); ``base`` in the base dtype. ``other_perm``
-    (new -> old) un-permutes the other axis when the module's non-trained axis was permuted too.
+    ``(k, in)`` or columns ``(out, k)``, logical orientation), listed against their ``original`` indices; ``base``
+    in the base dtype. The other axis is never permuted by a plan (a coupling moves one feature axis of a module).
     """
     original = [int(i) for i in original]
-    axis = 0 if feature == "out" else 1
-    if delta.shape != base.shape or delta.shape[axis] != len(original):
+    if delta.shape != base.shape or delta.shape[feature_dim(feature)] != len(original):
         raise AdapterError(
             f"{module}: delta {tuple(delta.shape)} / base block {tuple(base.shape)} do not match "
             f"{len(original)} trained {feature!r} features"
         )
-    if other_perm is not None:
-        inv = torch.argsort(torch.tensor(other_perm))
-        delta, base = delta.index_select(1 - axis, inv), base.index_select(1 - axis, inv)
     base = base.detach().cpu()
     return BlockDelta(module, feature, original, delta.detach().cpu().float().contiguous(), [BaseCheck.of(base)])
 
@@ -68,6 +62,7 @@ def diff_adapter(
             delta = read_block(wt, feature, idx_t).float() - base_vals.float()
             blocks.append(block_delta(mod_name, feature, idx_t.tolist(), delta, base_vals))
     adapter = Adapter(blocks, model_fingerprint(base), shapes, kinds, base_model=base_model, name=name)
+    adapter.metadata.update(model_facts(base, shapes))
     adapter.validate()
     return adapter
 
@@ -84,12 +79,11 @@ def extract_adapter(
     module at a time, never the whole model.
 
     The delta is the layer's trained update as is (the fp32 master when there is one); the base checks hash
-    the frozen base values under it. Several slices of one module and feature (e.g. GQA runs split over
-    slices) become one block.
+    the frozen base values under it (the values kept before quantizing, for a quantized base). Several slices of
+    one module and feature (e.g. GQA runs split over slices) become one block.
     """
-    from s2ft_lightning.experts import ExpertBlocks
-    from s2ft_lightning.layers import DeltaBlocks
-
+    state = S2State.checked(model)
+    kept = {} if state is None else state.base_blocks
     parts: dict[tuple[str, str], list[BlockDelta]] = {}
     shapes, kinds = {}, {}
     for s in plan.slices:
@@ -109,7 +103,8 @@ def extract_adapter(
         shapes[s.module] = (wrapper.out_features, wrapper.in_features)
         kind = "conv1d" if wrapper.transposed else "linear"
         kinds[s.module] = "expert" if isinstance(wrapper, ExpertBlocks) else kind
-        delta, base = full(wrapper.deltas[i]), wrapper.base_block(i)  # collectives when sharded
+        base = kept[s.module][i].clone() if s.module in kept else wrapper.base_block(i)  # collectives when sharded
+        delta = full(wrapper.deltas[i])
         parts.setdefault((s.module, s.feature), []).append(block_delta(s.module, s.feature, s.original, delta, base))
     blocks = []
     for (module, feature), bs in parts.items():
@@ -128,5 +123,28 @@ def extract_adapter(
         )
     adapter = Adapter(blocks, plan.fingerprint, shapes, kinds, base_model=base_model, name=name)
     adapter.metadata["plan_settings"] = {k: v for k, v in plan.settings.items() if k not in ("couplings", "tied")}
+    adapter.metadata.update(model_facts(model, shapes))
     adapter.validate()
     return adapter
+
+
+MODEL_FACTS = ("architecture", "encoder_decoder", "expert_counts")
+
+
+def model_facts(model: torch.nn.Module, modules) -> dict:
+    """What a LoRA export needs to know about the base beyond the blocks: its architecture (PEFT's task type
+    follows from it) and the expert count of every 3-D expert tensor the adapter touches (experts that trained
+    nothing have no block, so the blocks alone undercount them)."""
+    facts: dict = {
+        "architecture": type(model).__name__,
+        "encoder_decoder": bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)),
+    }
+    experts = {}
+    for name in modules:
+        split = split_expert_name(name)
+        if split is not None:
+            owner, param, _ = split
+            experts[f"{owner}.{param}"] = int(getattr(model.get_submodule(owner), param).shape[0])
+    if experts:
+        facts["expert_counts"] = experts
+    return facts

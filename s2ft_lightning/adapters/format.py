@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import torch
 
+from s2ft_lightning.blocks import read_block
+from s2ft_lightning.deltas import DeltaBlocks
 from surgery.linear import ExpertLinear, is_conv1d, logical_weight, resolve_linear
 from surgery.plan import model_fingerprint
 
@@ -46,11 +48,6 @@ def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module | ExpertLin
         return resolve_linear(model, name)
     except AttributeError as e:
         raise AdapterError(f"the model has no module {name!r}; was this adapter made for another model?") from e
-
-
-def read_block(w: torch.Tensor, feature: str, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``idx`` of a logical ``(out, in)`` weight for ``"out"``, columns for ``"in"`` (a copy)."""
-    return w.index_select(0 if feature == "out" else 1, idx.to(w.device))
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -173,9 +170,7 @@ def base_block(model: torch.nn.Module, module: str, feature: str, idx: torch.Ten
 
 
 def _has_s2_wrappers(model: torch.nn.Module) -> bool:
-    from s2ft_lightning.layers import installed
-
-    return bool(installed(model))
+    return any(isinstance(m, DeltaBlocks) for m in model.modules())
 
 
 def check_base(model: torch.nn.Module, adapter: Adapter, read=None) -> None:

@@ -31,6 +31,13 @@ class FusionReport:
         return f"overlaps resolved by {self.mode}: " + "; ".join(parts)
 
 
+def _expert_counts(adapters: Sequence[Adapter]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for a in adapters:
+        out.update(a.metadata.get("expert_counts") or {})
+    return out
+
+
 def fuse_adapters(
     adapters: Mapping[str, Adapter] | Sequence[Adapter],
     weights: Sequence[float] | None = None,
@@ -122,7 +129,14 @@ def fuse_adapters(
         {m: kinds[m] for m in used},
         base_model=first.base_model,
         name=name,
-        metadata={"fused_from": names, "weights": weights, "overlap": overlap},
+        metadata={
+            # the base's facts (one base: the fingerprints agree), for the LoRA export
+            **{k: first.metadata[k] for k in ("architecture", "encoder_decoder") if k in first.metadata},
+            **({"expert_counts": counts} if (counts := _expert_counts(items)) else {}),
+            "fused_from": names,
+            "weights": weights,
+            "overlap": overlap,
+        },
     )
     result.validate()
     return result, report

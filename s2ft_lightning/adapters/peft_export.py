@@ -10,8 +10,12 @@ original index space. GPT-2 Conv1D bases get ``fan_in_fan_out``; fused modules (
 ``adapter_config.json`` (per-module ranks in ``rank_pattern``/``alpha_pattern``) + ``adapter_model.safetensors``.
 
 MoE experts stored as 3-D tensors ``[E, out, in]`` become PEFT ``target_parameters``: one LoRA per tensor with
-a rank r shared by its experts (the largest expert's block, the others zero-padded). PEFT reads ``lora_A``
-``(E·r, in)`` as ``[E, r, in]`` (expert-major) but ``lora_B`` ``(out, r·E)`` as ``[out, r, E]`` (expert-minor).
+a rank r shared by its experts (the largest expert's block, the others zero-padded, experts that trained nothing
+all zeros). PEFT reads ``lora_A`` ``(E·r, in)`` as ``[E, r, in]`` (expert-major) but ``lora_B`` ``(out, r·E)`` as
+``[out, r, E]`` (expert-minor), so E must be the tensor's expert count, which the adapter records at extraction.
+
+PEFT's ``task_type`` follows the base's architecture, also recorded at extraction (a causal LM, a classifier, an
+encoder-decoder; none for a masked LM or a bare encoder, which PEFT serves with its plain ``PeftModel``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +55,44 @@ def _module_factors(adapter: Adapter, module: str) -> tuple[torch.Tensor, torch.
     return torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1)
 
 
+# Architecture class suffix -> PEFT task type (checked in this order).
+_TASK_TYPES = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+)
+
+
+def task_type_of(adapter: Adapter) -> str | None:
+    """PEFT's task type for the base the adapter was extracted from (None: plain PeftModel, e.g. a masked LM).
+
+    An adapter that does not record its base's architecture (written by an older version) is taken as a causal LM.
+    """
+    arch = adapter.metadata.get("architecture")
+    if arch is None:
+        return "CAUSAL_LM"
+    if arch.endswith("ForConditionalGeneration"):
+        return "SEQ_2_SEQ_LM" if adapter.metadata.get("encoder_decoder") else "CAUSAL_LM"
+    return next((task for suffix, task in _TASK_TYPES if arch.endswith(suffix)), None)
+
+
+def expert_count(adapter: Adapter, key: str, trained: dict[int, str]) -> int:
+    """How many experts the 3-D tensor ``key`` has (recorded at extraction); an older adapter without the record
+    is refused unless every expert trained, since counting to the highest trained one would be wrong."""
+    counts = adapter.metadata.get("expert_counts") or {}
+    if key in counts:
+        n = int(counts[key])
+        if max(trained) >= n:
+            raise AdapterError(f"{key!r}: the adapter trains expert {max(trained)} but records {n} experts")
+        return n
+    raise AdapterError(
+        f"{key!r}: this adapter does not record how many experts the tensor has (written by an older version), so "
+        "its PEFT LoRA factors cannot be laid out; extract the adapter again from the trained model"
+    )
+
+
 def _expert_params(adapter: Adapter) -> dict[str, dict[int, str]]:
     """``{"<experts>.<param>": {expert index: adapter module}}`` of the adapter's MoE expert blocks."""
     out: dict[str, dict[int, str]] = {}
@@ -75,9 +116,7 @@ def lora_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor
     }
     for key, members in _expert_params(adapter).items():
         per = {e: _module_factors(adapter, m) for e, m in members.items()}
-        # Experts are counted up to the highest trained index: a base with more experts refuses the file's
-        # shapes when PEFT loads it, it cannot mis-assign them.
-        n, r = max(per) + 1, max(a.shape[0] for a, _ in per.values())
+        n, r = expert_count(adapter, key, members), max(a.shape[0] for a, _ in per.values())
         out_f, in_f = adapter.module_shapes[members[max(per)]]
         a3, b3 = torch.zeros(n, r, in_f), torch.zeros(out_f, r, n)
         for e, (a, b) in per.items():
@@ -104,8 +143,11 @@ def _peft_keys(keys: list[str], expert_params: list[str]) -> dict[str, str]:
     return out
 
 
-def peft_lora_config(adapter: Adapter, ranks: dict[str, int], task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:
-    """PEFT's LoraConfig fields for these per-module ranks (alpha = rank: LoRA scaling 1)."""
+def peft_lora_config(adapter: Adapter, ranks: dict[str, int], task_type: str | None = "auto") -> dict[str, Any]:
+    """PEFT's LoraConfig fields for these per-module ranks (alpha = rank: LoRA scaling 1); ``task_type`` "auto"
+    follows the base's architecture (`task_type_of`)."""
+    if task_type == "auto":
+        task_type = task_type_of(adapter)
     kinds = set(adapter.module_kinds.values())
     if {"linear", "conv1d"} <= kinds:
         raise AdapterError("the adapter mixes Linear and Conv1D modules; PEFT's fan_in_fan_out is one setting for all")
@@ -139,11 +181,12 @@ def export_peft_lora(
     out_dir: str | os.PathLike,
     *,
     max_rank: int | None = None,
-    task_type: str | None = "CAUSAL_LM",
+    task_type: str | None = "auto",
 ) -> dict[str, int]:
     """Write ``adapter`` as a PEFT LoRA directory; returns the rank of every module.
 
-    ``max_rank`` refuses an adapter whose largest per-module rank is above it (many LoRA servers cap ranks).
+    ``max_rank`` refuses an adapter whose largest per-module rank is above it (many LoRA servers cap ranks);
+    ``task_type`` "auto" follows the base's architecture (`task_type_of`), None writes no task type.
     """
     experts = _expert_params(adapter)
     for key in experts:
@@ -154,7 +197,9 @@ def export_peft_lora(
             )
     factors = lora_factors(adapter)
     # lora_A of an expert parameter stacks (experts x rank) rows
-    ranks = {k: a.shape[0] // (max(experts[k]) + 1 if k in experts else 1) for k, (a, _) in factors.items()}
+    ranks = {
+        k: a.shape[0] // (expert_count(adapter, k, experts[k]) if k in experts else 1) for k, (a, _) in factors.items()
+    }
     if max_rank is not None and max(ranks.values()) > max_rank:
         worst = max(ranks, key=ranks.get)
         raise AdapterError(
@@ -173,8 +218,3 @@ def export_peft_lora(
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=1))
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
     return ranks
-
-
-def exported_size(path: str | os.PathLike) -> int:
-    """Bytes of a directory's files."""
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())

@@ -19,31 +19,22 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from s2ft_lightning.quantize import dense
+from s2ft_lightning.blocks import Spec, add_runs_, dense, gather_runs, merged_weight
 from surgery.linear import logical
 
-# One block: (feature, runs) with feature "in" | "out" and runs ((start, end), ...), in the module's
-# logical [out, in] orientation (Conv1D's transposed storage is handled by ``transposed``).
-Spec = tuple[str, tuple[tuple[int, int], ...]]
+__all__ = [
+    "DeltaLinearFn",
+    "Spec",
+    "add_runs_",
+    "delta_linear_autograd",
+    "gather_runs",
+    "merged_weight",
+    "reference_block_grads",
+    "tn_matmul_torch",
+]
 
 # tn_matmul(a, b, a_runs, b_runs) -> fp32 a[:, a_cols]ᵀ @ b[:, b_cols]; runs=None means all columns.
 TnMatmul = Callable[[torch.Tensor, torch.Tensor, "tuple | None", "tuple | None"], torch.Tensor]
-
-
-def gather_runs(t: torch.Tensor, runs: Sequence[tuple[int, int]], dim: int = -1) -> torch.Tensor:
-    """Concatenate ``t``'s slices along ``dim`` for each half-open run (a view when there is one run)."""
-    if len(runs) == 1:
-        s, e = runs[0]
-        return t.narrow(dim, s, e - s)
-    return torch.cat([t.narrow(dim, s, e - s) for s, e in runs], dim=dim)
-
-
-def add_runs_(t: torch.Tensor, runs: Sequence[tuple[int, int]], vals: torch.Tensor, dim: int = -1) -> None:
-    """``t[..., runs] += vals`` along ``dim``, where ``vals`` holds the runs' positions back to back."""
-    off = 0
-    for s, e in runs:
-        t.narrow(dim, s, e - s).add_(vals.narrow(dim, off, e - s))
-        off += e - s
 
 
 def tn_matmul_torch(
@@ -58,26 +49,6 @@ def tn_matmul_torch(
     if b_runs is not None:
         b = gather_runs(b, b_runs)
     return (a.t() @ b).float()
-
-
-def merged_weight(
-    weight: torch.Tensor, deltas: Sequence[torch.Tensor], specs: Sequence[Spec], transposed: bool = False
-) -> torch.Tensor:
-    """A copy of ``weight`` (its storage layout and dtype) holding ``cast(base_fp32 + Δ)`` at the blocks.
-
-    One fp32 add and one cast per element: the same values `merge_adapter` writes into a stock base.
-    """
-    out = dense(weight.detach()).clone()  # a quantized base comes back dense
-    w = logical(out, transposed)
-    acc = torch.promote_types(weight.dtype, torch.float32)  # fp64 bases stay exact
-    with torch.no_grad():
-        for d, (feature, runs) in zip(deltas, specs):
-            dim, off = (0 if feature == "out" else 1), 0
-            for s, e in runs:
-                dst = w.narrow(dim, s, e - s)
-                dst.copy_(dst.to(acc) + d.detach().narrow(dim, off, e - s).to(acc))
-                off += e - s
-    return out
 
 
 class DeltaLinearFn(torch.autograd.Function):
