@@ -110,8 +110,31 @@ def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **kw)
 
 
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> torch.nn.Module:
+    """Add seeded noise to every parameter and floating buffer, in place; returns ``model``.
+
+    Hugging Face init leaves biases at 0, norms at 1 and routing-correction biases at 0, so a test on a fresh
+    model cannot tell whether they are moved (or merged, or exported) correctly. Parameters get ``scale``·N(0, 1);
+    buffers get noise relative to their magnitude (``scale`` for an all-zero buffer), so e.g. RoPE frequencies
+    stay frequencies. Shared tensors are perturbed once.
+    """
+    g = torch.Generator().manual_seed(seed)
+    params = {id(p) for p in model.parameters()}
+    seen: set[int] = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen or not t.is_floating_point() or t.is_meta:
+            continue
+        seen.add(id(t))
+        noise = torch.randn(t.shape, generator=g).to(t.device, t.dtype)
+        size = 1.0 if id(t) in params else float(t.abs().max().nan_to_num(posinf=1.0)) if t.numel() else 1.0
+        t.add_(noise * (scale * (size or 1.0)))
+    return model
+
+
 def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
-    """A random-init fp32 model in eval mode (causal LM; masked LM for encoders like BERT)."""
+    """A random-init fp32 model in eval mode (causal LM; masked LM for encoders like BERT), with every parameter
+    and floating buffer perturbed (`perturb`)."""
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
     model = None
@@ -127,4 +150,4 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Mod
             errors.append(f"{auto.__name__}: {e}")
     if model is None:
         raise ValueError(f"cannot build a tiny {model_type!r} model: " + "; ".join(errors))
-    return model.float().eval()
+    return perturb(model.float(), seed).eval()

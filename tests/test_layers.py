@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.tiny_models import perturb
 from s2ft_lightning.layers import (
     S2InstallError,
     S2Linear,
@@ -31,7 +32,7 @@ def _llama(dtype=torch.float32):
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
     )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg).to(dtype)
+    return perturb(transformers.LlamaForCausalLM(cfg)).to(dtype)
 
 
 def _slices():
@@ -275,7 +276,7 @@ def test_gpt2_conv1d():
         attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg)
+    model = perturb(transformers.GPT2LMHeadModel(cfg))
     ref = transformers.GPT2LMHeadModel(cfg)
     ref.load_state_dict(model.state_dict())
     slices = [

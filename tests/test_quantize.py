@@ -8,6 +8,7 @@ import transformers
 
 pytest.importorskip("torchao")
 
+from benchmarks.tiny_models import perturb  # noqa: E402
 from s2ft_lightning import S2Config, extract_adapter, merge_adapter, merged_copy, prepare_model  # noqa: E402
 from s2ft_lightning.layers import block_parameters, installed  # noqa: E402
 from s2ft_lightning.ops import gather_runs  # noqa: E402
@@ -23,7 +24,7 @@ def _base(dtype=torch.float32) -> transformers.LlamaForCausalLM:
         num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
     )  # fmt: skip
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    return perturb(transformers.LlamaForCausalLM(cfg)).to(dtype).eval()
 
 
 def _ids(seed=0):

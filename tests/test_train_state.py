@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from benchmarks.tiny_models import perturb
 from s2ft_lightning import (
     S2Config,
     extract_adapter,
@@ -34,17 +35,13 @@ STEPS = 5
 
 
 def _base(seed: int = 0) -> transformers.LlamaForCausalLM:
-    """Tiny GQA Llama (hidden 64, 2 layers, 8 q / 2 kv heads) with every parameter perturbed."""
+    """Tiny GQA Llama (hidden 64, 2 layers, 8 q / 2 kv heads) with every parameter and buffer perturbed."""
     cfg = transformers.LlamaConfig(
         vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
         num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
+    return perturb(transformers.LlamaForCausalLM(cfg), seed).eval()
 
 
 def _batches():

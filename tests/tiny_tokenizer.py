@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -45,6 +46,8 @@ def save_tiny_llama(folder: Path, *, max_position_embeddings: int = 64) -> Path:
     """Write a random-init 2-layer GQA Llama plus the tiny tokenizer to ``folder`` (save_pretrained)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from benchmarks.tiny_models import perturb
+
     tok = build_tiny_tokenizer()
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -57,7 +60,8 @@ def save_tiny_llama(folder: Path, *, max_position_embeddings: int = 64) -> Path:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    torch.manual_seed(0)
+    perturb(LlamaForCausalLM(cfg)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
