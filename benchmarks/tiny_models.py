@@ -112,17 +112,19 @@ def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
 
 @torch.no_grad()
 def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> torch.nn.Module:
-    """Add seeded noise to every parameter and floating buffer, in place; returns ``model``.
+    """Add seeded noise to every parameter and floating buffer a checkpoint holds, in place; returns ``model``.
 
     Hugging Face init leaves biases at 0, norms at 1 and routing-correction biases at 0, so a test on a fresh
     model cannot tell whether they are moved (or merged, or exported) correctly. Parameters get ``scale``·N(0, 1);
-    buffers get noise relative to their magnitude (``scale`` for an all-zero buffer), so e.g. RoPE frequencies
-    stay frequencies. Shared tensors are perturbed once.
+    buffers get noise relative to their magnitude (``scale`` for an all-zero buffer). Non-persistent buffers
+    (RoPE frequencies) are left alone: they are rebuilt from the config, so no checkpoint could carry a change.
+    Shared tensors are perturbed once.
     """
     g = torch.Generator().manual_seed(seed)
     params = {id(p) for p in model.parameters()}
+    persistent = [b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] not in _non_persistent(model, n)]
     seen: set[int] = set()
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in [*model.parameters(), *persistent]:
         if id(t) in seen or not t.is_floating_point() or t.is_meta:
             continue
         seen.add(id(t))
@@ -130,6 +132,11 @@ def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> torch
         size = 1.0 if id(t) in params else float(t.abs().max().nan_to_num(posinf=1.0)) if t.numel() else 1.0
         t.add_(noise * (scale * (size or 1.0)))
     return model
+
+
+def _non_persistent(model: torch.nn.Module, name: str) -> set[str]:
+    owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return owner._non_persistent_buffers_set
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:

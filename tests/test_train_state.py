@@ -105,6 +105,13 @@ def _reference(family: str):
     return losses, deltas
 
 
+@functools.cache
+def _untrained_losses() -> list[float]:
+    model = _base()
+    with torch.no_grad():
+        return [float(model(ids, labels=ids).loss) for ids in _batches()]
+
+
 CASES = [(f, form) for f, forms in OPTIMIZERS.items() for form in forms if form != "for-loop"]
 
 
@@ -112,7 +119,8 @@ CASES = [(f, form) for f, forms in OPTIMIZERS.items() for form in forms if form 
 def test_every_optimizer_form_trains_identically_and_reaches_the_forward(family, form):
     ref_losses, ref_deltas = _reference(family)
     losses, deltas, model, plan = _train(family, form)
-    assert losses[-1] < losses[0] - 0.01  # updates reached the forward (a fused step used to be invisible)
+    # updates reached the forward (a fused step used to be invisible: every loss equal to the untrained model's)
+    assert all(a != b for a, b in zip(losses[1:], _untrained_losses()[1:]))
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) <= 1e-5 * abs(b)
     for a, b in zip(deltas, ref_deltas):
