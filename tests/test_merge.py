@@ -275,3 +275,51 @@ def test_switch_after_the_model_is_cast_recomputes_exactly():
     assert model.c.weight.dtype == torch.float32
     bank.unmerge()
     assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("scale", [0.37, -2.5])
+def test_merge_at_a_scale_equals_base_plus_scale_times_delta(scale):
+    """Checked against an independent reference: float64 base + scale·Δ at each touched element (rows and
+    columns crossing included), cast to the weight dtype; every other element bit-identical."""
+    model = _model(torch.float32)
+    base = _weights(model)
+    ad = _adapter(model, SPECS["overlap"], seed=3, scale=0.5)
+    merge_adapter(model, ad, scale=scale)
+    for name in ("a", "b", "c"):
+        want = _lw(_model(torch.float32), name).detach().double().clone()
+        for b in ad.blocks:
+            if b.module != name:
+                continue
+            idx = torch.tensor(b.indices)
+            if b.feature == "out":
+                want[idx] += scale * b.delta.double()
+            else:
+                want[:, idx] += scale * b.delta.double()
+        got = _lw(model, name).detach()
+        torch.testing.assert_close(got, want.float(), atol=2e-7, rtol=2e-7)
+        touched = torch.zeros_like(got, dtype=torch.bool)
+        for b in ad.blocks:
+            if b.module == name and b.feature == "out":
+                touched[b.indices, :] = True
+            elif b.module == name:
+                touched[:, b.indices] = True
+        assert torch.equal(got[~touched], _lw(_model(torch.float32), name).detach()[~touched])
+    assert any(not torch.equal(v, base[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_scale_whose_merge_overflows_is_refused_before_anything_is_written(dtype):
+    model = _model(dtype)
+    base = _weights(model)
+    ad = _adapter(model, SPECS["rows_a"], seed=1)
+    with pytest.raises(AdapterError, match="not finite .* nothing was written"):
+        merge_adapter(model, ad, scale=1e39)  # finite as a float, inf once multiplied into fp32/bf16
+    bank = AdapterBank(model)
+    bank.add(ad, "x")
+    bank.merge("x")
+    merged = _weights(model)
+    with pytest.raises(AdapterError, match="not finite"):
+        bank.switch("x", scale=-1e39)
+    assert all(torch.equal(v, merged[k]) for k, v in model.state_dict().items())
+    bank.unmerge()
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())

@@ -23,6 +23,9 @@ SPECS = {
     "rows": (("out", ((1, 4),)),),
     "rows2": (("out", ((0, 2), (7, 10))),),
     "both": (("in", ((4, 6),)), ("in", ((10, 12),))),
+    # rows and columns of one weight (the op allows it; install keeps one feature per module): column grads then
+    # come from the full saved input, not the gathered columns
+    "mixed": (("in", ((2, 5),)), ("out", ((1, 4), (8, 10)))),
 }
 
 

@@ -135,3 +135,37 @@ def test_cli_export_lora_and_its_refusals(tmp_path, capsys):
     assert "above --max-rank 4" in err and "needs LoRA rank" in err and not (tmp_path / "y").exists()
     with pytest.raises(AdapterError, match="max-rank"):
         export_peft_lora(adapter, tmp_path / "z", max_rank=1)
+
+
+def test_a_global_budget_whose_last_expert_trains_nothing_exports_every_expert(tmp_path):
+    """The export lays out every expert of the tensor (recorded at extraction), not up to the last trained one:
+    PEFT refused the file (A [14, 48] vs [16, 48])."""
+    from s2ft_lightning import S2Config, layers, prepare_model
+
+    model = tiny_model("mixtral")
+    plan = prepare_model(model, S2Config(d_ratio=0.05, allocation="global", seed=9))
+    trained = set(layers.installed(model))
+    assert "model.layers.0.mlp.experts.down_proj[3]" not in trained  # the case: layer 0's last expert is untrained
+    assert "model.layers.0.mlp.experts.down_proj[0]" in trained
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in layers.block_parameters(model):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    adapter = extract_adapter(model, plan)
+    assert adapter.metadata["expert_counts"]["model.layers.0.mlp.experts.down_proj"] == 4
+    export_peft_lora(adapter, tmp_path / "lora")
+    served = peft.PeftModel.from_pretrained(tiny_model("mixtral"), tmp_path / "lora")
+    torch.testing.assert_close(_logits(served), _logits(model), atol=1e-5, rtol=1e-5)
+    del adapter.metadata["expert_counts"]  # an adapter that does not record it is refused, not mis-laid
+    with pytest.raises(AdapterError, match="does not record how many experts"):
+        export_peft_lora(adapter, tmp_path / "old")
+    assert not (tmp_path / "old").exists()
+
+
+@pytest.mark.parametrize(("model_type", "task"), [("bert", None), ("llama", "CAUSAL_LM")])
+def test_the_task_type_follows_the_base_so_peft_serves_an_encoder(model_type, task, tmp_path):
+    trained, adapter = _trained(model_type, {})
+    export_peft_lora(adapter, tmp_path / "lora")
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["task_type"] == task
+    served = peft.PeftModel.from_pretrained(tiny_model(model_type, seed=0), tmp_path / "lora")
+    torch.testing.assert_close(_logits(served), _logits(trained), atol=1e-5, rtol=1e-5)

@@ -102,6 +102,23 @@ def test_plan_for_different_model_refused():
     assert_same(other, before)
 
 
+def test_the_fingerprint_sees_the_architecture_and_every_shape_not_the_weights_or_token_ids():
+    from surgery.plan import model_fingerprint
+
+    a, b = tiny_llama(), tiny_llama()
+    b.model.layers[1].mlp.up_proj.weight.data.normal_()  # other weights
+    b.config.pad_token_id = 7  # filled in by loading code
+    assert model_fingerprint(a) == model_fingerprint(b)
+    c = tiny_llama()  # one shape changed, the config the same
+    c.model.layers[1].mlp.down_proj = torch.nn.Linear(48, 32 + 1, bias=True)
+    assert model_fingerprint(c) != model_fingerprint(a)
+    d = tiny_llama()  # the same shapes under another name
+    d.model.layers[1].mlp.add_module("renamed", d.model.layers[1].mlp.down_proj)
+    del d.model.layers[1].mlp.down_proj
+    assert model_fingerprint(d) != model_fingerprint(a)
+    assert model_fingerprint(tiny_llama(rope_theta=123.0)) != model_fingerprint(a)  # a function field of the config
+
+
 def test_second_application_refused():
     model = tiny_llama()
     plan = make_plan(model, analyze(model), d_ratio=0.1)
