@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from s2ft_lightning import layers
+from s2ft_lightning.adapters import merge_adapter
 from s2ft_lightning.atomic import atomic_directory
 from s2ft_lightning.blocks import dense, is_quantized
+from s2ft_lightning.models import load_model
 from s2ft_lightning.pipeline import applied_plan
 from s2ft_lightning.quantize import forget_quantization
 from s2ft_lightning.state import S2State
@@ -70,9 +72,6 @@ def export_merged_from_adapter(
 
     The path for models that are sharded or quantized in memory: only the base on disk and the adapter are read.
     """
-    from s2ft_lightning.adapters import merge_adapter
-    from s2ft_lightning.models import load_model
-
     if not base:
         raise PlanError("the module records no base model path to merge into; set model_name or export the adapter")
     model, tokenizer = load_model(base, dtype=dtype or "auto")

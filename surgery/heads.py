@@ -24,7 +24,6 @@ _NO_ROPE_TYPES = {
     "electra",
     "bloom",
     "mpt",
-    "falcon_absolute",
 }
 
 
@@ -95,11 +94,6 @@ def position_encoding(config: Any) -> tuple[bool, str]:
             return True, f"config sets {key}"
     # Unknown family without any rotary field: assume RoPE, the stricter case (whole-head moves stay legal).
     return True, "assumed rotary (no position field in the config)"
-
-
-def uses_rope(config: Any) -> bool:
-    """Whether attention rotates q/k by position (then only whole heads may move)."""
-    return position_encoding(config)[0]
 
 
 def uses_head_position_bias(config: Any) -> bool:

@@ -101,7 +101,7 @@ def _param(model: torch.nn.Module, name: str) -> torch.nn.Parameter | torch.Tens
         raise IllegalPermutation(f"member parameter {name!r} does not exist in the model ({e})") from e
 
 
-def _storage_key(t: torch.Tensor) -> tuple:
+def storage_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
 
@@ -151,36 +151,8 @@ def _apply_member(t: torch.Tensor, m: Member, idx: torch.Tensor) -> None:
         view.copy_(view.index_select(axis, idx.to(view.device)))
 
 
-class Snapshot:
-    """Clones of a set of tensors (deduplicated by storage) that can be restored bit-exactly."""
-
-    def __init__(self, tensors: Iterable[torch.Tensor]):
-        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        seen: set[tuple] = set()
-        for t in tensors:
-            key = _storage_key(t)
-            if key not in seen:
-                seen.add(key)
-                # Accelerator tensors are kept in host memory so a rollback never doubles device memory.
-                saved = t.detach().clone() if t.device.type == "cpu" else t.detach().to("cpu", copy=True)
-                self._saved.append((t, saved))
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for t, saved in self._saved:
-                t.copy_(saved)
-
-    def __len__(self) -> int:
-        return len(self._saved)
-
-
 def _unit_src(coupling: Coupling, m: Member, perm: Sequence[int], gperm: Sequence[int]) -> torch.Tensor:
     return member_index(m, gperm if m.level == "group" else perm)
-
-
-def touched_tensors(model: torch.nn.Module, couplings: Iterable[Coupling]) -> list[torch.Tensor]:
-    """The parameters the members of ``couplings`` live on (what a transaction must snapshot)."""
-    return [_param(model, m.param) for c in couplings for m in c.members]
 
 
 def apply_permutations(model: torch.nn.Module, items: Sequence[tuple[Coupling, Sequence[int]]]) -> None:
@@ -209,7 +181,7 @@ def _move(model, plans, src_fn, txn: Transaction) -> None:
             t = _param(model, m.param)
             view, axis = pinned_view(t, m)
             # Tied parameters share storage: the same index map on the same storage runs once.
-            key = (_storage_key(t), m.axis, m.fixed, m.offset, m.step, m.unit, m.count, coupling.name)
+            key = (storage_key(t), m.axis, m.fixed, m.offset, m.step, m.unit, m.count, coupling.name)
             if key in done:
                 continue
             done.add(key)

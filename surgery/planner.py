@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from surgery.analyze import analyze
 from surgery.config import SelectionConfig, resolve
 from surgery.linear import linear_shape, resolve_linear
 from surgery.permute import (
@@ -58,8 +59,6 @@ def applied_plan_id(model: torch.nn.Module) -> str | None:
 def _structures(model: torch.nn.Module, structures: ModelStructures | None) -> ModelStructures:
     if structures is not None:
         return structures
-    from surgery.analyze import analyze  # late import: analysis is the expensive, optional step
-
     return analyze(model)  # joins the transaction running on the model, if any
 
 

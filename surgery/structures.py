@@ -16,9 +16,6 @@ Level = Literal["unit", "group"]
 Feature = Literal["in", "out"]
 Kind = Literal["heads", "ffn", "experts"]
 
-# Roles the S2 plan can train. Other roles ("q", "k", "gate", "router", "norm", ...) only move.
-TRAINABLE_ROLES = ("o", "v", "up", "down")
-
 
 @dataclass(frozen=True)
 class Member:

@@ -18,8 +18,32 @@ from typing import Any
 
 import torch
 
-from surgery.permute import Snapshot
+from surgery.permute import storage_key
 from surgery.transaction import deferred_interrupts, transaction
+
+
+class Snapshot:
+    """Clones of a set of tensors (deduplicated by storage) that can be restored bit-exactly."""
+
+    def __init__(self, tensors: Iterable[torch.Tensor]):
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen: set[tuple] = set()
+        for t in tensors:
+            key = storage_key(t)
+            if key not in seen:
+                seen.add(key)
+                # Accelerator tensors are kept in host memory so a rollback never doubles device memory.
+                saved = t.detach().clone() if t.device.type == "cpu" else t.detach().to("cpu", copy=True)
+                self._saved.append((t, saved))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, saved in self._saved:
+                t.copy_(saved)
+
+    def __len__(self) -> int:
+        return len(self._saved)
+
 
 # Relative tolerance per dtype (max |Δlogits| / max |logits|).
 DTYPE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 5e-3}

@@ -183,7 +183,8 @@ def test_interpreter_version_check_names_the_fix(monkeypatch):
     assert interpreter_problem("3.6.0", "2.3.5") is None and interpreter_problem("3.7.1", "2.4.6") is None
     assert interpreter_problem("3.10.0+git1", "2.5.0") is None  # numeric, not string, version order
     # With such versions installed: auto falls back to torch, a forced triton and a direct launch say why.
-    monkeypatch.setattr(ops, "installed_interpreter_problem", lambda: why)
+    monkeypatch.setattr(ops, "installed_interpreter_problem", lambda: why)  # what dispatch reads
+    monkeypatch.setattr(ops.kernels, "installed_interpreter_problem", lambda: why)  # what a launch checks
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("S2FT_KERNELS", "auto")
     assert backend_for("cpu") == "torch"

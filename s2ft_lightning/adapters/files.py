@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from s2ft_lightning._version import __version__
 from s2ft_lightning.adapters.format import Adapter, AdapterError, BaseCheck, BlockDelta, tensor_sha256
 from s2ft_lightning.atomic import atomic_directory
 
@@ -24,8 +25,6 @@ METHOD = "S2FT"
 
 
 def _config_dict(adapter: Adapter) -> dict:
-    from s2ft_lightning._version import __version__
-
     modules: dict[str, Any] = {}
     for b in adapter.blocks:
         entry = modules.setdefault(

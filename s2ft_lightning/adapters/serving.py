@@ -16,6 +16,7 @@ from torch import nn
 
 from s2ft_lightning.adapters.format import Adapter, AdapterError, check_base, get_module, module_kind
 from s2ft_lightning.experts import ExpertDeltas, expert_correction
+from s2ft_lightning.ops import backend_for
 from surgery.linear import logical_weight, split_expert_name
 
 
@@ -171,8 +172,6 @@ class MultiAdapterModel(nn.Module):
     def _backend(self, device: torch.device) -> str:
         if self.backend != "auto":
             return self.backend
-        from s2ft_lightning.ops import backend_for
-
         return backend_for(device)
 
     def _hook(self, module: str):
