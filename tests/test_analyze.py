@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -411,3 +412,15 @@ def test_the_head_model_says_what_it_found_about_positions():
     s = analyze(unknown, probe=False)
     assert "positions: not rotary (learned position embedding transformer.wpe)" in s.notes
     assert not any(c.rope for c in s.couplings if c.kind == "heads")
+
+
+def test_the_analysis_needs_no_torch_pruning(monkeypatch):
+    """torch-pruning is an optional cross-check (the crosscheck extra): without it the module-structure analysis
+    is proved by the probe alone, and the notes say the cross-check was skipped."""
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import torch_pruning raises ImportError
+    model = tiny_model("llama", num_key_value_heads=2)
+    s = analyze(model)
+    assert any("graph cross-check skipped" in n and "torch-pruning is not installed" in n for n in s.notes)
+    assert any(n.startswith("probe: all") for n in s.notes)
+    monkeypatch.undo()
+    assert [c.to_dict() for c in s.couplings] == [c.to_dict() for c in analyze(model).couplings]
