@@ -24,6 +24,7 @@ _EXPORTS = {
     "RunSummary": "s2ft_lightning.reporting",
     "StepLog": "s2ft_lightning.reporting",
     "CheckpointError": "s2ft_lightning.attach",
+    "ModelStateError": "surgery.transaction",
     "load_checkpoint": "s2ft_lightning.attach",
     "S2Config": "s2ft_lightning.pipeline",
     "applied_plan": "s2ft_lightning.pipeline",

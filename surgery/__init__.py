@@ -10,6 +10,7 @@ from surgery.plan import BlockSlice, PlanError, S2Plan, model_fingerprint
 from surgery.planner import apply_plan, make_plan, unapply_plan
 from surgery.select import select
 from surgery.structures import Coupling, Member, ModelStructures
+from surgery.transaction import ModelStateError
 from surgery.verify import Certificate, VerificationError, verify_function
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "Certificate",
     "Coupling",
     "IllegalPermutation",
+    "ModelStateError",
     "Member",
     "ModelStructures",
     "PlanError",
