@@ -137,8 +137,7 @@ class Transaction:
 
     def on_rollback(self, undo: Callable[[], Any], label: str = "") -> None:
         """Journal ``undo`` before making its change; it must be safe whether or not the change happened."""
-        with deferred_interrupts():
-            self._undo.append((label, undo))
+        self._undo.append((label, undo))
 
     def savepoint(self) -> int:
         """A position in the journal to `rollback_to`."""
