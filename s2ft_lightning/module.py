@@ -11,8 +11,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from s2ft_lightning.activation_checkpointing import checkpointed_layers, enable_activation_checkpointing
 from s2ft_lightning.attach import CHECKPOINT_KEY, S2Attachment
 from s2ft_lightning.layers import installed
+from s2ft_lightning.loss import NextTokenLoss
 from s2ft_lightning.pipeline import S2Config, applied_plan
 from s2ft_lightning.reporting import run_dir
 from surgery.plan import S2Plan
@@ -42,11 +44,16 @@ class S2FTModule(L.LightningModule):
         scheduler: Learning-rate scheduler, e.g. s2ft_lightning.WarmupLinear (stepped every optimizer step).
         dtype: Dtype the base is loaded in; deltas stay fp32 on a bf16/fp16 base (s2.master_dtype).
         num_labels: Number of classes (sequence_classification only).
-        gradient_checkpointing: Recompute activations in the backward to save memory (non-reentrant).
+        gradient_checkpointing: Recompute activations in the backward to save memory (non-reentrant; layers
+            below the first trainable one are neither checkpointed nor differentiated).
         plan_path: An s2_plan.json to apply instead of selecting (e.g. the one saved next to another run's logs).
         calibration_batches: Training batches scored by the data-driven selection strategies.
         quantize: Store the frozen base of the decoder's linear layers as int8 (weight-only) or nf4 (4-bit
             NormalFloat, as QLoRA) after surgery; the deltas stay fp32. Needs torchao (the quant extra).
+        loss: How the causal-LM loss is computed. chunked: from the last hidden states in row chunks, never
+            holding the full [batch, seq, vocab] logits or their gradient (same loss and gradients); stock: the
+            model's own labels= path (full logits); auto: chunked where the model is recognised and proved on the
+            first batch, else stock with the reason logged.
     """
 
     def __init__(
@@ -62,11 +69,14 @@ class S2FTModule(L.LightningModule):
         plan_path: str | None = None,
         calibration_batches: int = 4,
         quantize: Literal["none", "int8", "nf4"] = "none",
+        loss: Literal["auto", "chunked", "stock"] = "auto",
     ) -> None:
         super().__init__()
         from s2ft_lightning.models import check_source
 
         check_source(model)  # a wrong path fails here, before any trainer or model is set up
+        if loss == "chunked" and task != "causal_lm":
+            raise ValueError(f"loss='chunked' is the next-token loss of task='causal_lm', not of task={task!r}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "s2"])
         self.model_name = model
         self.task = task
@@ -79,6 +89,7 @@ class S2FTModule(L.LightningModule):
         self.dtype_name = dtype
         self.num_labels = num_labels
         self.gradient_checkpointing = gradient_checkpointing
+        self.lm_loss = NextTokenLoss(loss if task == "causal_lm" else "stock")
         self.attachment = S2Attachment(
             self.s2, submodule="model", plan_path=plan_path, calibration_batches=calibration_batches, quantize=quantize
         )
@@ -132,10 +143,8 @@ class S2FTModule(L.LightningModule):
             for p in head.parameters():
                 p.requires_grad_(True)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
-        if self.gradient_checkpointing and not getattr(self.model, "is_gradient_checkpointing", False):
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            # Frozen embeddings give no grad; checkpointed blocks still need their inputs to require it.
-            self.model.enable_input_require_grads()
+        if self.gradient_checkpointing and not checkpointed_layers(self.model):
+            enable_activation_checkpointing(self.model)
 
     # ---- steps -------------------------------------------------------------------------------
     def forward(self, **batch: Any) -> Any:
@@ -143,17 +152,18 @@ class S2FTModule(L.LightningModule):
 
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-        out = self.model(**inputs)
-        loss = out.loss
         bs = inputs["input_ids"].shape[0]
+        if self.task == "causal_lm":
+            step = self.lm_loss(self.model, inputs, accuracy=stage != "train")
+            loss = step.loss
+        else:
+            out = self.model(**inputs)
+            loss = out.loss
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=stage != "train")
         if self.task == "causal_lm":
             self.log(f"{stage}/ppl", torch.exp(loss.detach().float().clamp(max=50)), batch_size=bs)
             if stage != "train":
-                labels = inputs["labels"][:, 1:]
-                mask = labels != -100
-                pred = out.logits[:, :-1].argmax(-1)
-                acc = ((pred == labels) & mask).sum() / mask.sum().clamp(min=1)
+                acc = step.correct / step.counted.clamp(min=1)
                 self.log(f"{stage}/token_acc", acc, batch_size=bs, sync_dist=True)
         else:
             acc = (out.logits.argmax(-1) == inputs["labels"]).float().mean()
