@@ -18,6 +18,8 @@ _COLORS = {
     "full": "#1f77b4",
     "lora": "#2ca02c",
     "lora_all": "#9467bd",
+    "s2ft-chunked": "#ff7f0e",
+    "lora-chunked": "#17becf",
 }
 
 
@@ -123,13 +125,55 @@ def plot_sweep(doc: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_long_context(doc: dict[str, Any], path: Path) -> Path:
+    """Peak memory and step time against tokens, one colour per mode; dashed = activation checkpointing."""
+    runs = [r for r in doc["runs"] if r.get("status") == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for m in doc["config"]["modes"]:
+        for ckpt in (False, True):
+            pts = sorted(
+                (r["tokens"], r["peak_mib"], r["step_ms"]) for r in runs if (r["mode"], r["checkpointing"]) == (m, ckpt)
+            )
+            if not pts:
+                continue
+            style, label = ("--", f"{m} + ckpt") if ckpt else ("-", m)
+            xs = [p[0] for p in pts]
+            for ax, k in ((axes[0], 1), (axes[1], 2)):
+                ax.plot(xs, [p[k] for p in pts], style, marker="o", ms=3, color=_COLORS.get(m), label=label)
+    ticks = sorted({r["tokens"] for r in runs})
+    cuda = any(r.get("device") == "cuda" for r in runs)
+    peak = "peak CUDA memory allocated (MiB)" if cuda else "peak RSS of the process (MiB)"
+    for ax, label in zip(axes, (peak, "median step time (ms)")):
+        ax.set_xlabel("tokens per step (batch 1)")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7, ncol=2)
+    m, v, c = doc["machine"], doc["versions"], doc["config"]
+    where = m.get("gpu") or f"{m.get('cpu')} x{m.get('cpu_count')}"
+    fig.suptitle(
+        f"{c['name']}: {where}, {c['dtype']}; torch {v.get('torch')}, commit {str(doc['git']['commit'])[:12]}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_file(json_path: str | os.PathLike, outdir: str | os.PathLike | None = None) -> list[Path]:
     """All plots for one result file; PNGs are named after the JSON (``<stem>.png``, ``<stem>-growth.png``)."""
     json_path = Path(json_path)
     doc = json.loads(json_path.read_text())
+    out = Path(outdir) if outdir else json_path.parent
+    if doc.get("suite") == "long-context":
+        out.mkdir(parents=True, exist_ok=True)
+        return [plot_long_context(doc, out / f"{json_path.stem}.png")] if doc["runs"] else []
     if doc.get("suite") != "train":
         raise ValueError(f"{json_path} is not a train result (suite={doc.get('suite')!r}); nothing to plot")
-    out = Path(outdir) if outdir else json_path.parent
     out.mkdir(parents=True, exist_ok=True)
     made = []
     if any(r.get("status") == "ok" for r in doc["runs"]):

@@ -2,7 +2,10 @@
 
 Every mode builds the same random-init Llama from a seed, trains on the same random tokens with AdamW and
 is timed as forward + backward + optimizer.step + zero_grad (median after warm-up). Peak memory is CUDA
-``max_memory_allocated`` on GPU and the peak RSS of a fresh subprocess per run on CPU.
+``max_memory_allocated`` on GPU and the peak RSS of a fresh subprocess per run on CPU. A ``-chunked`` mode
+computes the loss with `s2ft_lightning.loss` (no full logits) instead of the model's ``labels=`` path; the
+config's ``checkpointing`` turns on activation checkpointing as each method's users would (S²FT:
+`S2FTModule`'s; the others: transformers' switch) or transformers' switch for every mode (``"transformers"``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from torch import nn
 from benchmarks.lora_match import LORA_TARGETS
 from s2ft_lightning.models import resolve_dtype
 
-MODES = ("frozen", "s2ft", "full", "lora", "lora_all")
+MODES = ("frozen", "s2ft", "full", "lora", "lora_all", "s2ft-chunked", "lora-chunked")
+CHECKPOINTING = (False, True, "transformers")
 REPO = Path(__file__).resolve().parent.parent
 RESULT_TAG = "BENCH_RESULT "
 
@@ -153,7 +157,7 @@ def get_config(name: str, **overrides: Any) -> dict[str, Any]:
     for k, v in overrides.items():
         if v is None:
             continue
-        if k not in cfg and k not in ("compile_scope", "master_dtype", "quantize"):
+        if k not in cfg and k not in ("compile_scope", "master_dtype", "quantize", "checkpointing"):
             raise ValueError(f"unknown config override {k!r}; known keys: {sorted(cfg)}")
         cfg[k] = v
     bad = [m for m in cfg["modes"] if m not in MODES]
@@ -228,12 +232,22 @@ class Built:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Built:
-    """Build the config's model and make it train like ``mode`` (see MODES)."""
+def split_mode(mode: str) -> tuple[str, str]:
+    """(method, loss) of a mode: ``"s2ft-chunked"`` -> ("s2ft", "chunked"), ``"lora"`` -> ("lora", "stock")."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {list(MODES)}")
+    method, _, loss = mode.partition("-")
+    return method, loss or "stock"
+
+
+def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Built:
+    """Build the config's model and make it train like ``mode`` (see MODES)."""
+    mode, loss = split_mode(mode)
+    ckpt = cfg.get("checkpointing", False)
+    if ckpt not in CHECKPOINTING:
+        raise ValueError(f"checkpointing={ckpt!r} is not one of {CHECKPOINTING}")
     model = build_model(cfg, device)
-    info: dict[str, Any] = {"total_params": sum(p.numel() for p in model.parameters())}
+    info: dict[str, Any] = {"total_params": sum(p.numel() for p in model.parameters()), "loss": loss}
     quantize = cfg.get("quantize") or "none"
     if quantize != "none" and mode == "full":
         raise ValueError("full fine-tuning trains every weight: there is no frozen base to quantize")
@@ -275,6 +289,9 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
         _quantize(model.requires_grad_(False), quantize)  # QLoRA-style: the same quantized base under the adapters
         model = get_peft_model(model, lcfg)
         info.update(lora_rank=rank, lora_targets=targets, s2ft_count_matched=count, lora_params_per_rank=per_rank)
+    if ckpt:
+        info["checkpointing_impl"] = _enable_checkpointing(model, mode == "s2ft" and ckpt is True)
+    info["checkpointing"] = bool(ckpt)
     params = [p for p in model.parameters() if p.requires_grad]
     info["trainable_params"] = sum(p.numel() for p in params)
     info["trainable_bytes"] = sum(p.numel() * p.element_size() for p in params)
@@ -283,6 +300,21 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
 
         info.update(quantize=quantize, weight_bytes=weight_bytes(model))
     return Built(model, params, info)
+
+
+def _enable_checkpointing(model: nn.Module, s2ft_aware: bool) -> str:
+    """Activation checkpointing of every decoder layer: S2FTModule's (``s2ft_aware``) or transformers' switch."""
+    if s2ft_aware:
+        from s2ft_lightning.activation_checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
+        return "s2ft"
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x (the old name warns there)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return "transformers"
 
 
 def _quantize(model: nn.Module, mode: str) -> None:
@@ -346,11 +378,15 @@ def _sync(device: torch.device) -> None:
 
 def make_step(built: Built, ids: torch.Tensor) -> Callable[[], float]:
     """One training step: forward + backward + AdamW step + zero_grad; returns the loss."""
+    from s2ft_lightning.loss import NextTokenLoss
+
     model = built.model
     opt = torch.optim.AdamW(built.params, lr=1e-5) if built.params else None
+    lm_loss = NextTokenLoss(built.info.get("loss", "stock"))  # "chunked" refuses rather than falls back
+    batch = {"input_ids": ids, "labels": ids}
 
     def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = lm_loss(model, batch).loss
         loss.backward()
         if opt is not None:
             opt.step()
@@ -369,6 +405,7 @@ def measure(mode: str, cfg: dict[str, Any], compiled: bool, seqs: Sequence[int],
     dev = torch.device(device)
     results = []
     base = {"mode": mode, "compiled": compiled, "batch": cfg["batch"], "device": dev.type}
+    base["checkpointing"] = bool(cfg.get("checkpointing", False))
     base["threads"] = torch.get_num_threads() if not cfg.get("threads") else int(cfg["threads"])
     if compiled:
         base["compile_scope"] = cfg.get("compile_scope", "layers")
@@ -509,6 +546,7 @@ def run_isolated(
         "seq": seq,
         "batch": cfg["batch"],
         "tokens": cfg["batch"] * seq,
+        "checkpointing": bool(cfg.get("checkpointing", False)),
     }
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -519,7 +557,8 @@ def run_isolated(
     for line in reversed(p.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG) :])[0]
-    return dict(base, status="error", error=f"worker exited {p.returncode}: {p.stderr[-1500:]}")
+    status = "oom" if p.returncode == -9 else "error"  # SIGKILL: the kernel's out-of-memory killer
+    return dict(base, status=status, error=f"worker exited {p.returncode}: {p.stderr[-1500:]}")
 
 
 def run_suite(

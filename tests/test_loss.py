@@ -115,10 +115,11 @@ def test_only_the_hidden_state_gradient_is_kept_never_the_logits():
     assert max(sizes) >= hidden.shape[0] * hidden.shape[1] * 512
 
 
-def test_default_chunks_keep_logits_near_the_hidden_size():
-    assert default_chunk_rows(8192, 576, 49152) == 128  # 8192 x 576 hidden -> 128 x 49152 logits per chunk
-    assert default_chunk_rows(512, 4096, 32000) == 64
-    assert default_chunk_rows(3, 32, 128) == 1
+def test_default_chunks_are_a_constant_size_whatever_the_length():
+    assert default_chunk_rows(8192, 49152) == default_chunk_rows(4096, 49152) == 256  # 48 MiB of fp32 logits
+    assert default_chunk_rows(8192, 32000) == 512
+    assert default_chunk_rows(300, 32000) == 300  # one chunk for a short sequence
+    assert default_chunk_rows(8192, 10**9) == 1
 
 
 def test_bf16_autocast_matches_the_stock_path_within_bf16():

@@ -7,6 +7,7 @@ Examples::
     python tools/bench.py train --config cpu-small --compile    # eager and torch.compile
     python tools/bench.py train --config gpu-7b --compile       # on an H100
     python tools/bench.py train --config sweep                  # 7B at 512..4096 tokens
+    python tools/bench.py long-context                          # memory vs sequence, 512..8192, +-checkpointing
     python tools/bench.py profile --config cpu-small            # where each mode's step time/memory goes
     python tools/bench.py memory                                # memory model: checks and what fits where
     python tools/bench.py plot                                  # PNGs next to benchmarks/results/*.json
@@ -112,6 +113,58 @@ def cmd_train(a: argparse.Namespace) -> int:
     print(rp.targets_table(doc["targets"]))
     print(f"\n[bench] wrote {out}")
     return 0 if all(r["status"] == "ok" for r in runs) else 1
+
+
+def _long_context_parser(sub: argparse._SubParsersAction) -> None:
+    from benchmarks import long_context as lc
+
+    p = sub.add_parser("long-context", help="peak memory and step time against sequence length, fresh process each")
+    p.add_argument("--config", default="long-context", choices=sorted(lc.CONFIGS), help="sweep config")
+    p.add_argument("--modes", nargs="+", choices=ts.MODES, help="subset of modes (default: the config's)")
+    p.add_argument("--seq", type=int, nargs="+", help="sequence lengths (default: the config's)")
+    p.add_argument(
+        "--checkpointing",
+        nargs="+",
+        choices=("off", "on", "transformers"),
+        help="series to run: off, on (S²FT: S2FTModule's; others: transformers'), transformers (its switch for all)",
+    )
+    p.add_argument("--steps", type=int, help="timed steps per point (median reported)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps")
+    p.add_argument("--threads", type=int, help="torch intra-op threads per point (default: every core)")
+    p.add_argument("--max-peak-mib", type=float, help="skip a point whose predicted peak passes this (CPU)")
+    p.add_argument("--timeout", type=float, help="per-point timeout (s)")
+    p.add_argument("--device", help="override the config's device (cpu|cuda)")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/long-context.json; a .png beside it)")
+
+
+def cmd_long_context(a: argparse.Namespace) -> int:
+    from benchmarks import long_context as lc
+    from benchmarks import plots
+
+    ckpt = None if a.checkpointing is None else [{"off": False, "on": True}.get(c, c) for c in a.checkpointing]
+    cfg = lc.get_config(
+        a.config, modes=a.modes, seqs=a.seq, checkpointing=ckpt, steps=a.steps, warmup=a.warmup,
+        threads=a.threads, max_peak_mib=a.max_peak_mib, timeout_s=a.timeout, device=a.device,
+    )  # fmt: skip
+    if cfg["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"[bench] error: config {a.config!r} needs a CUDA GPU; none is available", file=sys.stderr)
+            return 2
+    out = Path(a.out) if a.out else REPO / "benchmarks" / "results" / "long-context.json"
+    print(f"[bench] long-context config={a.config} modes={cfg['modes']} seqs={cfg['seqs']} ckpt={cfg['checkpointing']}")
+    runs = lc.run_sweep(cfg, on_result=lambda r: rp.write_json(lc.result_document(cfg, r, {"partial": True}), out))
+    doc = lc.result_document(cfg, runs)
+    rp.write_json(doc, out)
+    print()
+    print(lc.markdown(runs))
+    print()
+    print(rp.targets_table(doc["targets"]))
+    for png in plots.plot_file(out):
+        print(f"[bench] wrote {png}")
+    print(f"[bench] wrote {out}")
+    return 0 if all(r["status"] in ("ok", "skipped") for r in runs) else 1
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
@@ -255,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = ap.add_subparsers(dest="suite", required=True)
     _train_parser(sub)
+    _long_context_parser(sub)
     pr = sub.add_parser("profile", help="per-mode step breakdown: phase x op kind, saved activations, state")
     pr.add_argument("--config", required=True, choices=sorted(ts.CONFIGS), help="benchmark config")
     pr.add_argument("--modes", nargs="+", choices=ts.MODES, help="subset of modes (default: the config's)")
@@ -278,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(a)
     if a.suite == "profile":
         return cmd_profile(a)
+    if a.suite == "long-context":
+        return cmd_long_context(a)
     if a.suite == "memory":
         return cmd_memory(a)
     return cmd_plot(a)

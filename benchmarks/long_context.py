@@ -1,0 +1,280 @@
+"""The `long-context` benchmark: peak memory and step time against sequence length, a fresh process per point.
+
+Series: the frozen floor (stock loss), S²FT with the stock and the chunked loss, PEFT LoRA at S²FT's trainable
+count (stock and chunked loss) and full fine-tuning, each without and with activation checkpointing, batch 1,
+512 → 8192 tokens. Each series runs its lengths in ascending order; once it has two measured points, a length
+whose peak (linear in tokens through them) would pass ``max_peak_mib`` is recorded as ``skipped`` with the
+prediction, and a series stops after an out-of-memory kill or a timeout. Built on `train_suite` (the same model
+build, modes, step and fresh-process measurement).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from benchmarks import train_suite as ts
+
+MODES = ["frozen", "s2ft", "s2ft-chunked", "lora", "lora-chunked", "full"]
+
+# SmolLM2-135M (the demo model): Llama, hidden 576, 30 layers, 9 q / 3 kv heads, FFN 1536, tied 49,152 vocabulary.
+SMOLLM2 = dict(
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    intermediate_size=1536,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
+)
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    # The quickstart's S²FT (Down columns of 6.2% of the channels, 1.64 M weights) on random SmolLM2 weights, fp32.
+    "long-context": dict(
+        model=SMOLLM2,
+        dtype="float32",
+        device="cpu",
+        threads=None,  # every core: run it on a quiet machine
+        batch=1,
+        seqs=[512, 1024, 2048, 4096, 8192],
+        o_ratio=0.0,
+        d_ratio=0.062,
+        slices="hand",
+        modes=MODES,
+        checkpointing=[False, True],
+        steps=2,
+        warmup=1,
+        timeout_s=3600,
+        compile_timeout_s=3600,
+        max_peak_mib=16000,
+    ),
+    # LLaMA-7B shapes in bf16 on one GPU with the paper's LLaMA-2 ratios (tools/gpu_check.sh).
+    "long-context-7b": dict(
+        model=ts._LLAMA_7B,
+        dtype="bfloat16",
+        device="cuda",
+        threads=None,
+        batch=1,
+        seqs=[512, 1024, 2048, 4096, 8192],
+        o_ratio=0.052,
+        d_ratio=0.02,
+        slices="hand",
+        modes=["frozen", "s2ft", "s2ft-chunked", "lora", "lora-chunked", "full"],
+        checkpointing=[False, True],
+        steps=3,
+        warmup=1,
+        timeout_s=300,
+        compile_timeout_s=300,
+        max_peak_mib=None,  # CUDA: an out-of-memory error is caught and recorded
+    ),
+    # Seconds-long: tests and dry runs of the sweep itself.
+    "long-context-tiny": dict(
+        ts.CONFIGS["tiny"],
+        model=dict(ts.CONFIGS["tiny"]["model"], vocab_size=2048, tie_word_embeddings=True),
+        seqs=[32, 64, 128],
+        modes=MODES,
+        checkpointing=[False, True],
+        steps=1,
+        warmup=1,
+        max_peak_mib=None,
+    ),
+}
+
+
+def get_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """A deep copy of a named sweep config with non-None ``overrides`` applied (unknown names raise)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown long-context config {name!r}; choose one of {sorted(CONFIGS)}")
+    cfg = copy.deepcopy(CONFIGS[name])
+    cfg["name"] = name
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k not in cfg:
+            raise ValueError(f"unknown config override {k!r}; known keys: {sorted(cfg)}")
+        cfg[k] = v
+    bad = [m for m in cfg["modes"] if m not in ts.MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; choose from {list(ts.MODES)}")
+    bad = [c for c in cfg["checkpointing"] if c not in ts.CHECKPOINTING]
+    if bad:
+        raise ValueError(f"unknown checkpointing {bad}; choose from {list(ts.CHECKPOINTING)}")
+    return cfg
+
+
+def predicted_peak(points: Sequence[tuple[int, float]], seq: int) -> float | None:
+    """Peak at ``seq`` on the line through the last two measured (seq, peak) points (None with fewer)."""
+    if len(points) < 2:
+        return None
+    (s0, p0), (s1, p1) = points[-2], points[-1]
+    return p1 + (p1 - p0) / (s1 - s0) * (seq - s1)
+
+
+def run_sweep(
+    cfg: dict[str, Any],
+    on_result: Callable[[list[dict[str, Any]]], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Every (mode, checkpointing) series of ``cfg`` over its lengths; one record per point (see module doc).
+
+    On CPU each point runs in a fresh process (its peak RSS is its own); on CUDA each series runs in this
+    process, one model build for all its lengths, with the allocator's peak reset per length.
+    """
+    runs: list[dict[str, Any]] = []
+    for ckpt in cfg["checkpointing"]:
+        for mode in cfg["modes"]:
+            if cfg["device"] != "cpu":
+                t = time.perf_counter()
+                one = dict(cfg, modes=[mode], checkpointing=ckpt)
+                new = ts.measure(mode, one, False, sorted(cfg["seqs"]), cfg["device"])
+                for r in new:
+                    r["wall_s"] = round(time.perf_counter() - t, 1)
+                    _log(log, r, ckpt)
+                runs += new
+                if on_result is not None:
+                    on_result(runs)
+                continue
+            done: list[tuple[int, float]] = []
+            stop = None
+            for seq in sorted(cfg["seqs"]):
+                base = {"mode": mode, "seq": seq, "batch": cfg["batch"], "tokens": cfg["batch"] * seq}
+                base.update(checkpointing=bool(ckpt), compiled=False)
+                pred = predicted_peak(done, seq)
+                limit = cfg.get("max_peak_mib")
+                if stop is not None:
+                    r = dict(base, status="skipped", error=stop)
+                elif limit and pred is not None and pred > limit:
+                    why = f"predicted peak {pred:.0f} MiB > limit {limit} MiB (linear in tokens)"
+                    r = dict(base, status="skipped", error=why, predicted_peak_mib=round(pred, 1))
+                else:
+                    t = time.perf_counter()
+                    one = dict(cfg, modes=[mode], seqs=[seq], checkpointing=ckpt)
+                    r = ts.run_isolated(mode, one, False, seq, "cpu", cfg["timeout_s"])
+                    r["wall_s"] = round(time.perf_counter() - t, 1)
+                if r.get("status") == "ok":
+                    done.append((seq, r["peak_mib"]))
+                elif r.get("status") in ("oom", "timeout"):
+                    stop = f"a shorter length ended with {r['status']}"
+                runs.append(r)
+                _log(log, r, ckpt)
+                if on_result is not None:
+                    on_result(runs)
+    return runs
+
+
+def _log(log: Callable[[str], None], r: dict[str, Any], ckpt: Any) -> None:
+    log(
+        f"[long-context] {r['mode']:13s} ckpt={ckpt!s:5s} seq={r['seq']:5d} {r.get('status', '?'):7s} "
+        f"peak={r.get('peak_mib', '-')} MiB step={r.get('step_ms', '-')} ms "
+        f"({r.get('wall_s', 0)} s) {str(r.get('error', ''))[:160]}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _ok(runs: Sequence[dict], mode: str, ckpt: bool) -> list[dict]:
+    return sorted(
+        (r for r in runs if r["mode"] == mode and r["checkpointing"] == ckpt and r.get("status") == "ok"),
+        key=lambda r: r["seq"],
+    )
+
+
+def slope(runs: Sequence[dict], mode: str, ckpt: bool) -> float | None:
+    """Peak-memory growth in MiB per token: least-squares slope over the series' measured points."""
+    pts = [(r["tokens"], r["peak_mib"]) for r in _ok(runs, mode, ckpt)]
+    if len(pts) < 2:
+        return None
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    den = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / den
+
+
+def _at(runs: Sequence[dict], mode: str, ckpt: bool, seq: int) -> dict | None:
+    return next((r for r in _ok(runs, mode, ckpt) if r["seq"] == seq), None)
+
+
+def evaluate_targets(runs: Sequence[dict]) -> list[dict[str, Any]]:
+    """The issue's targets per checkpointing setting (data, never assertions)."""
+    out: list[dict[str, Any]] = []
+    for ckpt in sorted({r["checkpointing"] for r in runs}):
+        tag = "checkpointing" if ckpt else "no checkpointing"
+        s, f = slope(runs, "s2ft-chunked", ckpt), slope(runs, "frozen", ckpt)
+        t = {"target": f"s2ft-chunked peak growth per token / frozen's ({tag})", "limit": "<= 0.5"}
+        if s is None or not f:
+            out.append(dict(t, value=None, passed=None, note="need >= 2 ok lengths of s2ft-chunked and frozen"))
+        else:
+            v = s / f
+            out.append(
+                dict(t, value=round(v, 3), passed=bool(v <= 0.5), mib_per_token={"s2ft-chunked": s, "frozen": f})
+            )
+        a, b = _at(runs, "s2ft-chunked", ckpt, 4096), _at(runs, "lora", ckpt, 4096)
+        t = {"target": f"s2ft-chunked peak / lora peak at 4096 tokens ({tag})", "limit": "<= 0.7"}
+        if a is None or b is None:
+            out.append(dict(t, value=None, passed=None, note="missing an ok 4096-token point"))
+        else:
+            v = a["peak_mib"] / b["peak_mib"]
+            out.append(dict(t, value=round(v, 3), passed=bool(v <= 0.7)))
+        ratios = {
+            r["seq"]: round(r["step_ms"] / st["step_ms"], 3)
+            for r in _ok(runs, "s2ft-chunked", ckpt)
+            if (st := _at(runs, "s2ft", ckpt, r["seq"])) is not None
+        }
+        t = {"target": f"s2ft-chunked step / s2ft (stock loss) step, worst length ({tag})", "limit": "<= 1.05"}
+        if not ratios:
+            out.append(dict(t, value=None, passed=None, note="no length with both"))
+        else:
+            v = max(ratios.values())
+            out.append(dict(t, value=v, passed=bool(v <= 1.05), per_seq=ratios))
+    return out
+
+
+_LABEL = {
+    "frozen": "frozen floor (stock loss)",
+    "s2ft": "S²FT (stock loss)",
+    "s2ft-chunked": "**S²FT (chunked loss)**",
+    "lora": "PEFT LoRA (stock loss)",
+    "lora-chunked": "PEFT LoRA (chunked loss)",
+    "full": "full fine-tuning (stock loss)",
+}
+
+
+def markdown(runs: Sequence[dict]) -> str:
+    """Peak MiB per length (status where not measured), growth MiB/token and step ms per series."""
+    seqs = sorted({r["seq"] for r in runs})
+    head = ["method", "ckpt", *[f"{s}" for s in seqs], "MiB/token", *[f"ms @{s}" for s in seqs]]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    keys = []
+    for r in runs:
+        if (r["mode"], r["checkpointing"]) not in keys:
+            keys.append((r["mode"], r["checkpointing"]))
+    for mode, ckpt in keys:
+        cells = []
+        for s in seqs:
+            r = next((x for x in runs if x["mode"] == mode and x["checkpointing"] == ckpt and x["seq"] == s), None)
+            cells.append(
+                "–" if r is None else f"{r['peak_mib']:,.0f}" if r.get("status") == "ok" else str(r.get("status"))
+            )
+        g = slope(runs, mode, ckpt)
+        times = []
+        for s in seqs:
+            r = _at(runs, mode, ckpt, s)
+            times.append(f"{r['step_ms']:,.0f}" if r else "–")
+        row = [_LABEL.get(mode, mode), "yes" if ckpt else "no", *cells, "–" if g is None else f"{g:.3f}", *times]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def result_document(cfg: dict[str, Any], runs: Sequence[dict], extra: dict | None = None) -> dict[str, Any]:
+    """The JSON document: machine, versions, git, config, ``runs`` (one record per point) and target checks."""
+    from benchmarks import report, sysinfo
+
+    doc = {"suite": "long-context", "schema_version": report.SCHEMA_VERSION, **sysinfo.describe()}
+    doc.update(config=cfg, runs=list(runs), targets=evaluate_targets(runs))
+    if extra:
+        doc.update(extra)
+    return doc
