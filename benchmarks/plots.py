@@ -126,7 +126,8 @@ def plot_sweep(doc: dict[str, Any], path: Path) -> Path:
 
 
 def plot_long_context(doc: dict[str, Any], path: Path) -> Path:
-    """Peak memory and step time against tokens, one colour per mode; dashed = activation checkpointing."""
+    """Peak memory and step time against tokens, one colour per mode; dashed = activation checkpointing (dotted:
+    transformers' switch on an S²FT model)."""
     runs = [r for r in doc["runs"] if r.get("status") == "ok"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for m in doc["config"]["modes"]:

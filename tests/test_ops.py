@@ -85,6 +85,37 @@ def test_conv1d_transposed_storage(kind):
     _check(torch.randn(2, 5, 12), weight, torch.randn(13), SPECS[kind], 1e-5, transposed=True)
 
 
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_fp32_pieces_equal_the_block_terms(kind, monkeypatch):
+    """fp32 computes ``x (W + Δ)ᵀ`` piece by piece (the frozen layer's matmul FLOPs, no ``x_c Δᵀ`` / ``g Δ``
+    products); bf16 keeps separate block terms (``W + Δ`` would round a small update away). Same results."""
+    import sys
+
+    dl = sys.modules["s2ft_lightning.ops.delta_linear"]
+    weight, bias, x = torch.randn(13, 12), torch.randn(13), torch.randn(2, 5, 12)
+    specs = SPECS[kind]
+    feature, pieces = dl._split_segments(weight, x, _blocks(weight, specs), specs)
+    assert [(s, e) for s, e, _ in pieces] == sorted({(s, e) for s, e, _ in pieces})  # a tiling, in order
+    assert pieces[0][0] == 0 and pieces[-1][1] == (12 if feature == "in" else 13)
+    bf16 = weight.bfloat16()
+    assert dl._split_segments(bf16, x.bfloat16(), _blocks(bf16, specs, torch.float32), specs) is None
+
+    def run():
+        xs = x.clone().requires_grad_(True)
+        blocks = _blocks(weight, specs)
+        y = delta_linear(xs, weight, bias, blocks, specs, backend="torch")
+        y.backward(torch.cos(y.detach()))
+        return y.detach(), xs.grad, [b.grad for b in blocks]
+
+    got = run()
+    monkeypatch.setattr(dl, "_split_segments", lambda *a: None)
+    ref = run()
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[2], ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_no_input_grad_skips_grad_input_and_weight():
     weight = torch.randn(13, 12)
     specs = SPECS["cols"]

@@ -4,14 +4,16 @@
 #   2. install this repo (--no-deps, editable; PYTHONPATH fallback)
 #   3. pytest -m cuda
 #   4. tools/bench.py train --config gpu-7b             (eager), then --compile-only (torch.compile)
-#   5. tools/bench.py train --config sweep              (512..4096 tokens, eager)
+#   5. tools/bench.py long-context --config long-context-7b   (memory and step time, 512..8192 tokens, frozen /
+#      S²FT / S²FT chunked loss / LoRA / LoRA chunked / full, without and with checkpointing)
+#      tools/bench.py train --config sweep              (512..4096 tokens, eager, incl. LoRA all-linear)
 #      tools/bench.py profile --config gpu-7b           (phase x op-kind breakdown, if time is left)
 #   6. plots
 # Everything lands in $OUT (default ./out); the whole script stays within ~8 minutes (timeout per stage).
 # GPU_CHECK_DRY=1: CPU dry run of the same logic (pip --dry-run, tiny CPU bench instead of the GPU stages);
 # GPU_CHECK_FORCE_WHEELS=1 installs every carried wheel even when the package already imports.
-# Stage budgets (s) can be changed with T_PYTEST, T_7B, T_7B_COMPILE, T_SWEEP, T_PROFILE; TOTAL_S caps the whole
-# script.
+# Stage budgets (s) can be changed with T_PYTEST, T_7B, T_LONG, T_7B_COMPILE, T_SWEEP, T_PROFILE; TOTAL_S caps the
+# whole script.
 # Bring the wheels with tools/fetch_wheels.sh (on a machine with registry access).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +26,7 @@ DRY=${GPU_CHECK_DRY:-0}
 TOTAL_S=${TOTAL_S:-470}
 T_PYTEST=${T_PYTEST:-90}
 T_7B=${T_7B:-90}
+T_LONG=${T_LONG:-180}
 T_7B_COMPILE=${T_7B_COMPILE:-190}
 T_SWEEP=${T_SWEEP:-90}
 T_PROFILE=${T_PROFILE:-60}
@@ -124,6 +127,8 @@ stage pytest_cuda "$T_PYTEST" bash -c "$PY -m pytest -m cuda -q -p no:cacheprovi
 if [ "$DRY" = 1 ]; then
   stage bench_train "$T_7B" $PY tools/bench.py train --config tiny --modes frozen s2ft lora --steps 2 \
     --warmup 1 --out "$OUT/train-tiny.json"
+  stage bench_long_context "$T_LONG" $PY tools/bench.py long-context --config long-context-tiny \
+    --modes frozen s2ft-chunked lora --seq 32 64 --steps 1 --warmup 0 --out "$OUT/long-context-tiny.json"
   stage bench_sweep "$T_SWEEP" $PY tools/bench.py train --config tiny --modes frozen s2ft --seq 16 32 \
     --steps 1 --warmup 0 --no-isolate --out "$OUT/train-tiny-sweep.json"
   stage profile "$T_PROFILE" $PY tools/bench.py profile --config tiny --modes frozen s2ft lora --steps 1 \
@@ -131,6 +136,9 @@ if [ "$DRY" = 1 ]; then
 else
   # Compiled modes in target order: a timeout then drops the least needed ones (full, lora_all).
   stage bench_gpu_7b "$T_7B" $PY tools/bench.py train --config gpu-7b --out "$OUT/train-gpu-7b.json"
+  # Long sequences (issue #25): series in target order, the JSON rewritten after each, so a timeout keeps them.
+  stage bench_long_context "$T_LONG" $PY tools/bench.py long-context --config long-context-7b \
+    --out "$OUT/long-context-7b.json"
   # auto = torch reference on CUDA until measured: the same step with the Triton block-gradient kernels.
   stage bench_gpu_7b_triton 60 env S2FT_KERNELS=triton $PY tools/bench.py train --config gpu-7b \
     --modes frozen s2ft --out "$OUT/train-gpu-7b-triton.json"
@@ -144,7 +152,7 @@ fi
 
 # ---- 6. plots
 shopt -s nullglob
-results=("$OUT"/train-*.json)
+results=("$OUT"/train-*.json "$OUT"/long-context-*.json)
 if [ ${#results[@]} -gt 0 ]; then
   stage plots 60 $PY tools/bench.py plot "${results[@]}" --outdir "$OUT"
 else
