@@ -247,7 +247,7 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
     if ckpt not in CHECKPOINTING:
         raise ValueError(f"checkpointing={ckpt!r} is not one of {CHECKPOINTING}")
     model = build_model(cfg, device)
-    info: dict[str, Any] = {"total_params": sum(p.numel() for p in model.parameters()), "loss": loss}
+    info: dict[str, Any] = {"total_params": sum(p.numel() for p in model.parameters()), "loss_path": loss}
     quantize = cfg.get("quantize") or "none"
     if quantize != "none" and mode == "full":
         raise ValueError("full fine-tuning trains every weight: there is no frozen base to quantize")
@@ -382,7 +382,7 @@ def make_step(built: Built, ids: torch.Tensor) -> Callable[[], float]:
 
     model = built.model
     opt = torch.optim.AdamW(built.params, lr=1e-5) if built.params else None
-    lm_loss = NextTokenLoss(built.info.get("loss", "stock"))  # "chunked" refuses rather than falls back
+    lm_loss = NextTokenLoss(built.info.get("loss_path", "stock"))  # "chunked" refuses rather than falls back
     batch = {"input_ids": ids, "labels": ids}
 
     def step() -> float:

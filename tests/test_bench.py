@@ -270,3 +270,67 @@ def test_profile_charges_other_thread_ops_by_time():
     nested = NS(cpu_parent=NS(name="s2ft_phase:optimizer", cpu_parent=None), time_range=NS(start=12.0))
     assert pf.phase_of(nested, marks) == "optimizer"  # an enclosing mark wins over the time rule
     assert pf.phase_of(NS(cpu_parent=None, time_range=NS(start=31.0)), marks) is None
+
+
+# ---------------------------------------------------------------------------------------------- long context
+
+
+def test_long_context_sweep_records_every_series_and_point(tmp_path):
+    from benchmarks import long_context as lc
+
+    c = lc.get_config("long-context-tiny", modes=["frozen", "s2ft-chunked"], seqs=[16, 8], isolate=False)
+    c["checkpointing"] = [False, True, "transformers"]
+    runs = lc.run_sweep(c, log=lambda s: None)
+    got = [(r["mode"], lc.setting(r), r["seq"]) for r in runs]
+    assert lc.series(c)[-1] == ("s2ft-chunked", "transformers") and len(lc.series(c)) == 5  # frozen: once with
+    assert got == [(m, ck, s) for m, ck in lc.series(c) for s in (8, 16)]
+    for r in runs:
+        assert r["status"] == "ok", r.get("error")
+        assert {"mode", "seq", "checkpointing", "peak_mib", "step_ms", "loss_path"} <= set(r)
+        assert r["loss_path"] == ("chunked" if r["mode"] == "s2ft-chunked" else "stock")
+    impl = {(r["mode"], lc.setting(r)): r.get("checkpointing_impl") for r in runs}
+    assert impl[("s2ft-chunked", True)] == "s2ft" and impl[("s2ft-chunked", "transformers")] == "transformers"
+    assert impl[("frozen", True)] == "transformers" and impl[("frozen", False)] is None
+    doc = lc.result_document(c, runs)
+    assert doc["targets"][0]["note"].startswith("CPU points shared a process")  # --no-isolate: no memory targets
+    path = rp.write_json(doc, tmp_path / "long-context.json")
+    assert [p.name for p in plots.plot_file(path)] == ["long-context.png"]
+    table = lc.markdown(runs).splitlines()
+    assert len(table) == 2 + 5 and "MiB/token" in table[0] and "transformers' switch" in table[-1]
+
+
+def test_long_context_skips_what_will_not_fit_and_stops_after_an_oom(monkeypatch):
+    from benchmarks import long_context as lc
+
+    def fake(mode, cfg, compiled, seq, device, timeout_s):
+        if mode == "full" and seq == 2048:
+            return {"mode": mode, "seq": seq, "checkpointing": False, "status": "oom", "error": "killed"}
+        return {"mode": mode, "seq": seq, "checkpointing": False, "status": "ok", "peak_mib": 1000 + seq}
+
+    monkeypatch.setattr(lc.ts, "run_isolated", fake)
+    c = lc.get_config("long-context", modes=["frozen", "full"], checkpointing=[False], max_peak_mib=5000)
+    runs = lc.run_sweep(c, log=lambda s: None)
+    status = {(r["mode"], r["seq"]): r["status"] for r in runs}
+    # frozen: 4096 is predicted at 5096 MiB from 1024 and 2048 -> skipped, and so is 8192
+    assert [status["frozen", s] for s in c["seqs"]] == ["ok", "ok", "ok", "skipped", "skipped"]
+    assert next(r for r in runs if r["seq"] == 4096)["predicted_peak_mib"] == 5096
+    assert [status["full", s] for s in c["seqs"]] == ["ok", "ok", "oom", "skipped", "skipped"]
+
+
+def test_long_context_targets_compare_slopes_peaks_and_steps():
+    from benchmarks import long_context as lc
+
+    def run(mode, seq, peak, ms, ckpt=False):
+        return dict(mode=mode, seq=seq, tokens=seq, checkpointing=ckpt, status="ok", peak_mib=peak, step_ms=ms)
+
+    runs = [run("frozen", s, 1000 + 2 * s, s) for s in (1024, 4096)]
+    runs += [run("s2ft-chunked", s, 900 + 0.8 * s, 1.02 * s) for s in (1024, 4096)]
+    runs += [run("s2ft", s, 1000 + 2 * s, s) for s in (1024, 4096)]
+    runs += [run("lora", s, 1000 + 2.5 * s, s) for s in (1024, 4096)]
+    t = {x["target"]: x for x in lc.evaluate_targets(runs)}
+    assert t["s2ft-chunked peak growth per token / frozen's (no checkpointing)"]["value"] == 0.4
+    assert t["s2ft-chunked peak / lora peak at 4096 tokens (no checkpointing)"]["value"] == round(4176.8 / 11240, 3)
+    step = t["s2ft-chunked step / s2ft (stock loss) step, worst length (no checkpointing)"]
+    assert step["value"] == 1.02 and step["passed"]
+    with pytest.raises(ValueError, match="unknown checkpointing"):
+        lc.get_config("long-context", checkpointing=["sometimes"])

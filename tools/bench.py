@@ -134,6 +134,13 @@ def _long_context_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-peak-mib", type=float, help="skip a point whose predicted peak passes this (CPU)")
     p.add_argument("--timeout", type=float, help="per-point timeout (s)")
     p.add_argument("--device", help="override the config's device (cpu|cuda)")
+    p.add_argument(
+        "--no-isolate",
+        dest="isolate",
+        action="store_false",
+        default=None,
+        help="run each series in this process (dry runs; CPU peaks then are the process's, not the point's)",
+    )
     p.add_argument("--out", help="JSON path (default benchmarks/results/long-context.json; a .png beside it)")
 
 
@@ -144,7 +151,7 @@ def cmd_long_context(a: argparse.Namespace) -> int:
     ckpt = None if a.checkpointing is None else [{"off": False, "on": True}.get(c, c) for c in a.checkpointing]
     cfg = lc.get_config(
         a.config, modes=a.modes, seqs=a.seq, checkpointing=ckpt, steps=a.steps, warmup=a.warmup,
-        threads=a.threads, max_peak_mib=a.max_peak_mib, timeout_s=a.timeout, device=a.device,
+        threads=a.threads, max_peak_mib=a.max_peak_mib, timeout_s=a.timeout, device=a.device, isolate=a.isolate,
     )  # fmt: skip
     if cfg["device"] == "cuda":
         import torch

@@ -128,7 +128,7 @@ if [ "$DRY" = 1 ]; then
   stage bench_train "$T_7B" $PY tools/bench.py train --config tiny --modes frozen s2ft lora --steps 2 \
     --warmup 1 --out "$OUT/train-tiny.json"
   stage bench_long_context "$T_LONG" $PY tools/bench.py long-context --config long-context-tiny \
-    --modes frozen s2ft-chunked lora --seq 32 64 --steps 1 --warmup 0 --out "$OUT/long-context-tiny.json"
+    --modes frozen s2ft-chunked lora --seq 32 64 --steps 1 --warmup 0 --no-isolate --out "$OUT/long-context-tiny.json"
   stage bench_sweep "$T_SWEEP" $PY tools/bench.py train --config tiny --modes frozen s2ft --seq 16 32 \
     --steps 1 --warmup 0 --no-isolate --out "$OUT/train-tiny-sweep.json"
   stage profile "$T_PROFILE" $PY tools/bench.py profile --config tiny --modes frozen s2ft lora --steps 1 \
