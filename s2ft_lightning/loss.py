@@ -26,9 +26,9 @@ from torch import nn
 
 __all__ = [
     "IGNORE_INDEX",
-    "NextTokenLoss",
     "LMHead",
     "LogitTransform",
+    "NextTokenLoss",
     "StepOutput",
     "chunked_argmax",
     "chunked_next_token_loss",

@@ -86,33 +86,38 @@ def test_conv1d_transposed_storage(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(SPECS))
-def test_fp32_pieces_equal_the_block_terms(kind, monkeypatch):
-    """fp32 computes ``x (W + Δ)ᵀ`` piece by piece (the frozen layer's matmul FLOPs, no ``x_c Δᵀ`` / ``g Δ``
-    products); bf16 keeps separate block terms (``W + Δ`` would round a small update away). Same results."""
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fp32_merged_copy_equals_the_block_terms(kind, transposed, monkeypatch):
+    """fp32 with many rows multiplies by a per-call copy holding ``W + Δ`` (the frozen layer's matmuls); bf16
+    keeps separate block terms (``W + Δ`` would round a small update away). Same outputs and gradients in fp32."""
     import sys
 
     dl = sys.modules["s2ft_lightning.ops.delta_linear"]
-    weight, bias, x = torch.randn(13, 12), torch.randn(13), torch.randn(2, 5, 12)
-    specs = SPECS[kind]
-    feature, pieces = dl._split_segments(weight, x, _blocks(weight, specs), specs)
-    assert [(s, e) for s, e, _ in pieces] == sorted({(s, e) for s, e, _ in pieces})  # a tiling, in order
-    assert pieces[0][0] == 0 and pieces[-1][1] == (12 if feature == "in" else 13)
+    monkeypatch.setattr(dl, "MERGE_MACS_PER_ELEMENT", 0)  # these tiny shapes would otherwise keep the terms
+    weight = torch.randn(12, 13) if transposed else torch.randn(13, 12)
+    bias, x, specs = torch.randn(13), torch.randn(2, 5, 12), SPECS[kind]
+    w = weight.t() if transposed else weight
+    blocks = _blocks(weight, specs, transposed=transposed)
+    merged = dl._fp32_merged(w, x, blocks, specs)
+    want = merged_weight(weight, blocks, specs, transposed)  # the stored layout
+    torch.testing.assert_close(merged, want.t() if transposed else want)
     bf16 = weight.bfloat16()
-    assert dl._split_segments(bf16, x.bfloat16(), _blocks(bf16, specs, torch.float32), specs) is None
+    assert dl._fp32_merged(bf16, x.bfloat16(), _blocks(bf16, specs, torch.float32, transposed), specs) is None
+    monkeypatch.setattr(dl, "MERGE_MACS_PER_ELEMENT", 10**6)
+    assert dl._fp32_merged(w, x, blocks, specs) is None  # too few rows for the copy to pay
+    monkeypatch.setattr(dl, "MERGE_MACS_PER_ELEMENT", 0)
 
     def run():
         xs = x.clone().requires_grad_(True)
-        blocks = _blocks(weight, specs)
-        y = delta_linear(xs, weight, bias, blocks, specs, backend="torch")
+        blocks = _blocks(weight, specs, transposed=transposed)
+        y = delta_linear(xs, weight, bias, blocks, specs, transposed=transposed, backend="torch")
         y.backward(torch.cos(y.detach()))
         return y.detach(), xs.grad, [b.grad for b in blocks]
 
     got = run()
-    monkeypatch.setattr(dl, "_split_segments", lambda *a: None)
+    monkeypatch.setattr(dl, "_fp32_merged", lambda *a: None)
     ref = run()
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
-    for a, b in zip(got[2], ref[2]):
+    for a, b in zip([got[0], got[1], *got[2]], [ref[0], ref[1], *ref[2]]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
