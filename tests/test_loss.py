@@ -244,3 +244,25 @@ def test_checkpointing_skips_layers_below_the_first_trainable_one(how):
     w = ref.model.layers[2].mlp.down_proj.weight.requires_grad_(True)
     ref(**batch).loss.backward()
     torch.testing.assert_close(grad, w.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_demo_model_trains_with_the_chunked_loss_by_default():
+    """SmolLM2-135M (tied 49k vocabulary): the default loss is the chunked one, equal to the stock loss and
+    block gradients."""
+    ids = torch.randint(3, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :8] = IGNORE_INDEX
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    s2 = S2Config(d_ratio=0.02, seed=0)
+    out = {}
+    for loss in ("auto", "stock"):
+        module = S2FTModule("demo:smollm2", s2=s2, loss=loss)
+        module.configure_model()
+        value = module.training_step(batch, 0)
+        value.backward()
+        out[loss] = (value.detach(), {n: p.grad for n, p in module.named_parameters() if p.requires_grad})
+        assert module.lm_loss.chunked == (loss == "auto")
+    torch.testing.assert_close(out["auto"][0], out["stock"][0], rtol=1e-5, atol=0)
+    for k, g in out["stock"][1].items():
+        torch.testing.assert_close(out["auto"][1][k], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()))  # 30 layers
