@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 __all__ = ["checkpointed_layers", "enable_activation_checkpointing"]
 
@@ -26,8 +27,6 @@ Scope = Literal["trainable", "all"]
 
 
 def _checkpoint_layers(model: nn.Module) -> list[nn.Module]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 

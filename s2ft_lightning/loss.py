@@ -23,6 +23,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from s2ft_lightning.blocks import is_quantized
 
 __all__ = [
     "IGNORE_INDEX",
@@ -245,10 +248,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def find_lm_head(model: nn.Module) -> LMHead | str:
     """The decoder, head and logit transform of a causal LM, or the reason the chunked loss cannot use it."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    from s2ft_lightning.quantize import is_quantized
-
     base = _unwrap(model)
     name = type(base).__name__
     if not hasattr(base, "get_output_embeddings") or not hasattr(base, "get_decoder"):
