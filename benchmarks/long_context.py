@@ -279,7 +279,8 @@ def evaluate_targets(runs: Sequence[dict], peaks_per_point: bool = True) -> list
         pairs = [(r, _at(runs, mode, "transformers", r["seq"])) for r in _ok(runs, mode, True)]
         pairs = [(a, b) for a, b in pairs if b is not None]
         if pairs:
-            value = {a["seq"]: {"step": round(a["step_ms"] / b["step_ms"], 3)} for a, b in pairs}
+            key = "cpu_ms" if all("cpu_ms" in r for p in pairs for r in p) else "step_ms"
+            value = {a["seq"]: {key: round(a[key] / b[key], 3)} for a, b in pairs}
             if peaks_per_point:
                 for a, b in pairs:
                     value[a["seq"]]["peak"] = round(a["peak_mib"] / b["peak_mib"], 3)
