@@ -20,6 +20,7 @@ _COLORS = {
     "lora_all": "#9467bd",
     "s2ft-chunked": "#ff7f0e",
     "lora-chunked": "#17becf",
+    "inplace": "#8c564b",
 }
 
 

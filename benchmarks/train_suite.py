@@ -32,7 +32,8 @@ from torch import nn
 from benchmarks.lora_match import LORA_TARGETS
 from s2ft_lightning.models import resolve_dtype
 
-MODES = ("frozen", "s2ft", "full", "lora", "lora_all", "s2ft-chunked", "lora-chunked")
+# "inplace": the S²FT reference code's design (blocks trained inside the weight), `benchmarks.inplace_s2ft`.
+MODES = ("frozen", "s2ft", "full", "lora", "lora_all", "s2ft-chunked", "lora-chunked", "inplace")
 CHECKPOINTING = (False, True, "transformers")
 REPO = Path(__file__).resolve().parent.parent
 RESULT_TAG = "BENCH_RESULT "
@@ -268,6 +269,14 @@ def setup_mode(mode: str, cfg: dict[str, Any], device: str | torch.device) -> Bu
         from s2ft_lightning.ops import backend_for
 
         info["s2ft_backend"] = backend_for(device)
+    elif mode == "inplace":
+        from benchmarks.inplace_s2ft import install_inplace
+
+        if quantize != "none":
+            raise ValueError("the in-place baseline writes its blocks into the weight: it needs a dense base")
+        plan, how = s2ft_slices(model, cfg, apply=True)
+        install_inplace(model, plan.slices if hasattr(plan, "slices") else plan)
+        info.update(slices=how)
     else:
         from peft import LoraConfig, get_peft_model
 

@@ -83,6 +83,29 @@ def test_lora_rank_matched_to_s2ft_count(cfg, mode):
     assert names == expected
 
 
+def test_inplace_baseline_trains_exactly_like_s2ft(cfg):
+    """The reference code's design (blocks trained inside W) must train the same function as our delta layers,
+    so the step benchmark compares two implementations of one computation."""
+    from s2ft_lightning.layers import uninstall
+
+    ours, theirs = ts.setup_mode("s2ft", cfg, "cpu"), ts.setup_mode("inplace", cfg, "cpu")
+    assert theirs.info["trainable_params"] == ours.info["trainable_params"] == _expected_s2ft_count(cfg)
+    frozen = {n: p.detach().clone() for n, p in theirs.model.named_parameters() if not p.requires_grad}
+    ids = torch.randint(0, cfg["model"]["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    steps = [ts.make_step(b, ids) for b in (ours, theirs)]
+    for _ in range(3):
+        a, b = (float(s()) for s in steps)
+        assert a == pytest.approx(b, rel=1e-5)
+    uninstall(ours.model, merge=True)  # our deltas folded into the weights: the trained stock model
+    trained = {n: p for n, p in ours.model.named_parameters()}
+    moved = 0
+    for n, before in frozen.items():
+        now = theirs.model.get_parameter(n).detach()
+        assert torch.allclose(now, trained[n].detach(), rtol=1e-5, atol=1e-6), n
+        moved += int(not torch.equal(now, before))  # the optimizer wrote the blocks into the frozen weights
+    assert moved == 2 * cfg["model"]["num_hidden_layers"]  # every o_proj and down_proj
+
+
 def test_moe_config_trains_the_same_expert_weights_in_s2ft_and_lora():
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                  intermediate_size=48, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,

@@ -47,6 +47,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, help="untimed warm-up steps")
     p.add_argument("--batch", type=int, help="override batch size")
     p.add_argument("--seq", type=int, nargs="+", help="override sequence length(s)")
+    p.add_argument("--layers", type=int, help="override the model's number of decoder layers")
     p.add_argument("--repeat", type=int, default=1, help="rounds per mode, interleaved; keeps the fastest")
     p.add_argument(
         "--slices",
@@ -88,6 +89,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         device=a.device,
         threads=a.threads,
     )
+    if a.layers is not None:
+        if a.layers < 1:
+            raise SystemExit(f"--layers must be >= 1 (got {a.layers})")
+        cfg["model"] = dict(cfg["model"], num_hidden_layers=a.layers)
     if cfg["steps"] < 1 or cfg["warmup"] < 0:
         raise SystemExit(f"--steps must be >= 1 and --warmup >= 0 (got {cfg['steps']}, {cfg['warmup']})")
     compile_mode = "only" if a.compile_only else "both" if a.compile else "off"
