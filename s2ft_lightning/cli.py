@@ -4,7 +4,8 @@ Mistakes end in one paragraph on stderr and exit status 2 (`S2FT_TRACEBACK=1` sh
 before a model is loaded wherever possible; the parser's own are rewritten by `cli_parser`. Every fit prints
 step lines when stdout is not a terminal and, at the end, where its files went (`StepLog`, `RunSummary`);
 Ctrl-C saves what was trained (`SaveOnInterrupt`). validate / test / predict only evaluate: they make no run
-folder of their own and never become ``latest``; their metrics go next to the checkpoint they evaluated.
+folder of their own (CSV / TensorBoard loggers and the saved config are left out; remote loggers still log) and
+never become ``latest``; their metrics go next to the checkpoint they evaluated.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class S2FTCLI(LightningCLI):
         parser.link_arguments("model.model", "data.init_args.tokenizer", apply_on="parse")
 
     def parse_arguments(self, parser, args) -> None:
-        token = ARGV.set(list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None)
+        token = ARGV.set(sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else None)
         try:
             super().parse_arguments(parser, args)
         finally:
@@ -55,8 +56,8 @@ class S2FTCLI(LightningCLI):
         from s2ft_lightning.interrupt import SaveOnInterrupt
         from s2ft_lightning.reporting import RunSummary, StepLog, use_run_length_bar
 
-        if self.evaluating:  # no run folder (logger, saved config) for a run that only evaluates
-            kwargs["logger"] = False
+        if self.evaluating:  # no run folder (local logger, saved config) for a run that only evaluates
+            kwargs["logger"] = _without_local_loggers(self._get(self.config_init, "trainer", default={}).get("logger"))
             self.save_config_callback = None
         trainer = super().instantiate_trainer(**kwargs)
         have = {type(cb) for cb in trainer.callbacks}
@@ -112,6 +113,18 @@ class S2FTCLI(LightningCLI):
         path.write_text(json.dumps({"checkpoint": str(ckpt) if ckpt else None, "metrics": metrics}, indent=1))
         shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
         print(f"{stage} metrics ({', '.join(sorted(metrics)) or 'none'}) written to {shown}", flush=True)
+
+
+def _without_local_loggers(logger):
+    """The configured logger(s) less those that make a versioned run folder on disk (CSV, TensorBoard; ``True``
+    means Lightning's default, one of them); remote ones (W&B, MLflow, ...) keep logging evaluations."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = logger if isinstance(logger, (list, tuple)) else [logger]
+    kept = [
+        lg for lg in loggers if lg not in (None, True, False) and not isinstance(lg, (CSVLogger, TensorBoardLogger))
+    ]
+    return kept or False
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> S2FTCLI:

@@ -74,7 +74,7 @@ def _help_rank(group: Any) -> int:
 def _insert_after_block(text: str, heading: str, extra: str) -> str:
     """``extra`` after the paragraph that starts with the line ``heading`` (or at the end)."""
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith(heading[:60])), None)
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
     if start is None:
         return text.rstrip("\n") + "\n\n" + extra
     end = next((i for i in range(start + 1, len(lines)) if not lines[i].strip()), len(lines))
@@ -83,8 +83,6 @@ def _insert_after_block(text: str, heading: str, extra: str) -> str:
 
 def shipped_data_help() -> str:
     """The options of the shipped datamodules as help text: each one's own, then those all of them share."""
-    from jsonargparse import ArgumentParser
-
     from s2ft_lightning import data
     from s2ft_lightning.data.base import TokenizedDataModule
 
@@ -94,8 +92,8 @@ def shipped_data_help() -> str:
         cls = getattr(data, name)
         own = _init_defaults(cls)
         skip = {"tokenizer"} | {k for k in common if own.get(k, object()) == common[k]}
-        sections.append(_options_help(ArgumentParser, cls, skip, f"{name} (--data {name})"))
-    shared = _options_help(ArgumentParser, TokenizedDataModule, {"tokenizer"}, "Every shipped datamodule", doc=False)
+        sections.append(_options_help(cls, skip, f"{name} (--data {name})"))
+    shared = _options_help(TokenizedDataModule, {"tokenizer"}, "Every shipped datamodule", doc=False)
     return "\n".join([*sections, shared])
 
 
@@ -104,8 +102,11 @@ def _init_defaults(cls: type) -> dict[str, Any]:
     return {n: p.default for n, p in sig.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
 
 
-def _options_help(parser_class: type, cls: type, skip: set[str], title: str, doc: bool = True) -> str:
-    parser = parser_class(prog="s2ft fit")
+def _options_help(cls: type, skip: set[str], title: str, doc: bool = True) -> str:
+    """``cls``'s constructor options as ``--data.NAME`` help lines (jsonargparse's own formatting), titled."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="s2ft fit")
     parser.add_class_arguments(cls, "data", skip=skip)
     lines = parser.format_help().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("  --data CONFIG"))
@@ -132,6 +133,13 @@ def explain(message: str, parser: Any, argv: list[str]) -> str:
         given = first.split(":", 1)[1].split()
         name = next((a for a in given if a.startswith("-")), given[0] if given else "").split("=", 1)[0]
         return f"unknown option {name}{_did_you_mean(name, _options(parser), prefix='--')}; {hint}"
+    if first.startswith("Problems parsing config"):
+        bad = [f for f in _config_files(argv) if f not in {f for _, f in _config_trees(argv)}]
+        where = f"--config {bad[0]}" if bad else "the config"
+        detail = " ".join(message.split(":", 1)[1].split()).replace('in "<unicode string>", ', "at ")
+        return f"{where} is not valid YAML: {detail}"
+    if first.startswith('expected "subcommand"'):
+        return "no command given: s2ft fit | validate | test | predict | adapter ... (`s2ft --help` says more)"
     if m := re.match(r"argument subcommand: invalid choice: '([^']*)'", first):
         close = difflib.get_close_matches(m[1], [*SUBCOMMANDS, "adapter"], n=1)
         mean = f" (did you mean {close[0]}?)" if close else ""
@@ -388,7 +396,7 @@ def _bad_value(key: str, detail: str, parser: Any, argv: list[str], hint: str) -
 
 
 def _option_help(parser: Any, key: str) -> str:
-    """`` — <first sentence of the option's help>`` when the parser has help for ``key``."""
+    """`` (<first sentence of the option's help>)`` when the parser has help for ``key``."""
     for action in parser._actions:
         if _norm(action.dest) == key and action.help and action.help != "==SUPPRESS==":
             text = " ".join(str(action.help).split())
@@ -398,14 +406,17 @@ def _option_help(parser: Any, key: str) -> str:
 
 
 def _bad_config_file(detail: str, argv: list[str]) -> str:
-    given = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")), None)
+    """A --config that is missing, a folder, or not readable: the path as typed and what to pass."""
     m = re.search(r"'([^']+)'", detail)
-    path = Path(given or (m[1] if m else "?"))
+    named = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    named += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    path = Path(m[1]) if m else Path(named[0] if named else "?")
+    shown = next((n for n in named if Path(n).resolve() == path.resolve()), str(path))
     if path.is_dir():
-        return f"--config {path}: is a folder, not a YAML file; pass a recipe file such as configs/quickstart.yaml"
+        return f"--config {shown}: is a folder, not a YAML file; pass a recipe file such as configs/quickstart.yaml"
     if not path.exists():
         return (
-            f"--config {path}: no such file (relative paths start at {Path.cwd()}); the recipes are in configs/, "
+            f"--config {shown}: no such file (relative paths start at {Path.cwd()}); the recipes are in configs/, "
             "e.g. configs/quickstart.yaml"
         )
-    return f"--config {path}: " + " ".join(detail.split())
+    return f"--config {shown}: " + " ".join(detail.split())

@@ -47,6 +47,9 @@ class SaveOnInterrupt(Callback):
         self._single = True
 
     # ---- the signal ----------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._phase, self._pending, self.saved = "before", False, {}  # the same callback may serve several fits
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._phase, self._pending, self.saved = "training", False, {}
         self._single = trainer.world_size == 1

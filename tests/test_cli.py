@@ -196,6 +196,8 @@ def test_parser_mistakes_name_the_option_and_the_fix_in_one_line(tiny_llama_dir,
     monkeypatch.chdir(tmp_path)
     s2_typo = _bad(tmp_path, lambda r: r["model"]["s2"].update(o_ration=0.1)).rename(tmp_path / "s2_typo.yaml")
     data_typo = _bad(tmp_path, lambda r: r["data"]["init_args"].update(batch_sise=3))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  s2: [\n")
     fit = ["fit", "--config", quick, "--model.model", str(tiny_llama_dir)]
     cases = [
         (
@@ -204,6 +206,7 @@ def test_parser_mistakes_name_the_option_and_the_fix_in_one_line(tiny_llama_dir,
         ),
         ([*fit, "--trainer.max_steps", "abc"], "--trainer.max_steps 'abc' is not an integer"),
         (["fit", "--config", "nope.yaml"], "--config nope.yaml: no such file"),
+        (["fit", "--config", str(broken)], f"--config {broken} is not valid YAML"),
         (
             ["fit", "--config", str(s2_typo)],
             f"unknown key model.s2.o_ration in {s2_typo} (did you mean model.s2.o_ratio",
@@ -215,6 +218,7 @@ def test_parser_mistakes_name_the_option_and_the_fix_in_one_line(tiny_llama_dir,
         ([*fit, "--max_steps", "3"], "unknown option --max_steps (did you mean --trainer.max_steps?)"),
         ([*fit, "--data", "ReasoningGym"], "is not a datamodule class (did you mean ReasoningGymDataModule?)"),
         (["fitt"], "unknown command 'fitt' (did you mean fit?)"),
+        ([], "no command given: s2ft fit | validate"),
         # beyond the tiny model's 128-token context: refused when the datamodule is built, before the model loads
         ([*fit, "--data.max_length", "1000", "--trainer.logger", "false"], "context length of 128 tokens"),
     ]
@@ -269,3 +273,15 @@ def test_fit_help_lists_s2ft_and_data_options_before_lightnings(capsys):
     # every shipped datamodule's options, not only --data.help CLASS
     for option in ("--data.max_length", "--data.batch_size", "--data.train_file", "--data.train_files", "--data.task"):
         assert at(option) < at("--trainer.max_steps"), option
+
+
+def test_evaluation_runs_leave_out_only_loggers_that_make_run_folders(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    from s2ft_lightning.cli import _without_local_loggers
+
+    remote = DummyLogger()  # stands for W&B, MLflow, ...: no run folder of ours
+    assert _without_local_loggers([CSVLogger(tmp_path), remote, CSVLogger(tmp_path / "b")]) == [remote]
+    assert _without_local_loggers(True) is False and _without_local_loggers(CSVLogger(tmp_path)) is False
+    assert not list(tmp_path.iterdir())
