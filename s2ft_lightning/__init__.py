@@ -23,6 +23,7 @@ _EXPORTS = {
     "LossCurve": "s2ft_lightning.reporting",
     "RunSummary": "s2ft_lightning.reporting",
     "StepLog": "s2ft_lightning.reporting",
+    "SaveOnInterrupt": "s2ft_lightning.interrupt",
     "CheckpointError": "s2ft_lightning.attach",
     "ModelStateError": "surgery.transaction",
     "load_checkpoint": "s2ft_lightning.attach",

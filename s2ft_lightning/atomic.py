@@ -20,11 +20,25 @@ def _umask() -> int:
     return mask
 
 
+def _usual_permissions(root: Path) -> None:
+    """chmod ``root`` and what it holds to the modes a plain ``open()`` / ``mkdir()`` would have given them."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for names, mode in ((dirs, 0o777), (files, 0o666)):
+            for name in names:
+                path = os.path.join(folder, name)
+                if not os.path.islink(path):  # chmod would follow the link
+                    os.chmod(path, mode & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it becomes ``path`` (replacing an old one if ``replace``).
 
-    The directory gets the usual permissions (0o777 minus the umask), not ``mkdtemp``'s private 0o700.
+    The directory and everything written into it get the usual permissions (0o777 / 0o666 minus the umask), not
+    ``mkdtemp``'s private 0o700 or the 0o600 that safetensors gives its files, so other users and server processes
+    read them like any other file of the run.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +48,7 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterat
     old = None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        _usual_permissions(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)

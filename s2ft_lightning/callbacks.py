@@ -142,12 +142,13 @@ class AdapterCheckpoint(Callback):
         if self.dirpath is None:
             self.dirpath = run_dir(trainer) / "adapter"  # every rank: log_dir is a collective
 
-    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> Path:
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, metadata: dict | None = None) -> Path:
         from s2ft_lightning.adapters import extract_adapter, save_adapter
 
         model, plan = _find_plan_model(pl_module)
         # Every rank extracts (a sharded model gathers each delta and the base values under it); rank 0 writes.
         adapter = extract_adapter(model, plan, base_model=getattr(pl_module, "model_name", None), name=self.name)
+        adapter.metadata.update(metadata or {})
         out = self.dirpath / tag
         if trainer.is_global_zero:
             save_adapter(adapter, out)

@@ -1,19 +1,26 @@
 """The `s2ft` command: LightningCLI for fit/validate/test/predict, plus `s2ft adapter …` tools.
 
 Mistakes end in one paragraph on stderr and exit status 2 (`S2FT_TRACEBACK=1` shows the traceback), found
-before a model is loaded wherever possible. Every run also prints step lines when stdout is not a terminal
-and, at the end of fit, where its files went (`StepLog`, `RunSummary`).
+before a model is loaded wherever possible; the parser's own are rewritten by `cli_parser`. Every fit prints
+step lines when stdout is not a terminal and, at the end, where its files went (`StepLog`, `RunSummary`);
+Ctrl-C saves what was trained (`SaveOnInterrupt`). validate / test / predict only evaluate: they make no run
+folder of their own (CSV / TensorBoard loggers and the saved config are left out; remote loggers still log) and
+never become ``latest``; their metrics go next to the checkpoint they evaluated.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from s2ft_lightning.cli_parser import ARGV, SUBCOMMANDS, S2FTArgumentParser
 from s2ft_lightning.module import S2FTModule
 
 ADAPTER_HELP = """
@@ -34,43 +41,105 @@ class S2FTCLI(LightningCLI):
         # The datamodule reads its tokenizer from the model path unless told otherwise.
         parser.link_arguments("model.model", "data.init_args.tokenizer", apply_on="parse")
 
-    def instantiate_trainer(self, **kwargs):
-        from s2ft_lightning.reporting import RunSummary, StepLog
+    def parse_arguments(self, parser, args) -> None:
+        token = ARGV.set(sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else None)
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            ARGV.reset(token)
 
+    @property
+    def evaluating(self) -> bool:
+        return self.subcommand in ("validate", "test", "predict")
+
+    def instantiate_trainer(self, **kwargs):
+        from s2ft_lightning.interrupt import SaveOnInterrupt
+        from s2ft_lightning.reporting import RunSummary, StepLog, use_run_length_bar
+
+        if self.evaluating:  # no run folder (local logger, saved config) for a run that only evaluates
+            kwargs["logger"] = _without_local_loggers(self._get(self.config_init, "trainer", default={}).get("logger"))
+            self.save_config_callback = None
         trainer = super().instantiate_trainer(**kwargs)
         have = {type(cb) for cb in trainer.callbacks}
-        trainer.callbacks.extend(cb() for cb in (StepLog, RunSummary) if cb not in have)
+        trainer.callbacks.extend(cb() for cb in (StepLog, RunSummary, SaveOnInterrupt) if cb not in have)
+        use_run_length_bar(trainer)
         return trainer
 
-    def _check_ckpt(self) -> None:
+    def _ckpt_path(self) -> str | None:
         cfg = self.config.get(self.subcommand) if self.subcommand else None
         ckpt = cfg.get("ckpt_path") if cfg is not None else None
         special = str(ckpt) in ("last", "best", "hpc", "registry") or "://" in str(ckpt)
-        if ckpt and not special and not Path(ckpt).is_file():
+        if ckpt and not special and not Path(ckpt).exists():  # a file, or a distributed checkpoint's folder
             from s2ft_lightning.attach import CheckpointError
 
             raise CheckpointError(
                 f"checkpoint {ckpt!r} does not exist; pass a .ckpt file (a fit run names its checkpoint at the "
                 "end, and <logger dir>/latest/checkpoints/last.ckpt points at the newest run's)"
             )
+        return None if not ckpt or special else str(ckpt)
 
     def before_fit(self) -> None:
-        self._check_ckpt()
+        if ckpt := self._ckpt_path():
+            from s2ft_lightning.interrupt import check_resume
+
+            check_resume(self.trainer, ckpt)
 
     def before_validate(self) -> None:
-        self._check_ckpt()
+        self._ckpt_path()
 
     def before_test(self) -> None:
-        self._check_ckpt()
+        self._ckpt_path()
+
+    def after_validate(self) -> None:
+        self._save_metrics("validate")
+
+    def after_test(self) -> None:
+        self._save_metrics("test")
+
+    def _save_metrics(self, stage: str) -> None:
+        """Write the evaluation's metrics next to what it evaluated: into the run folder of ``--ckpt_path``
+        (``<run>/validate_metrics.json``), else into the trainer's ``default_root_dir``; say where."""
+        if not self.trainer.is_global_zero:
+            return
+        ckpt = self._ckpt_path()
+        if ckpt:
+            resolved = Path(ckpt).resolve()
+            folder = resolved.parent.parent if resolved.parent.name == "checkpoints" else resolved.parent
+        else:
+            folder = Path(self.trainer.default_root_dir)
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stage}_metrics.json"
+        path.write_text(json.dumps({"checkpoint": str(ckpt) if ckpt else None, "metrics": metrics}, indent=1))
+        shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+        print(f"{stage} metrics ({', '.join(sorted(metrics)) or 'none'}) written to {shown}", flush=True)
+
+
+def _without_local_loggers(logger):
+    """The configured logger(s) less those that make a versioned run folder on disk (CSV, TensorBoard; ``True``
+    means Lightning's default, one of them); remote ones (W&B, MLflow, ...) keep logging evaluations."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = logger if isinstance(logger, (list, tuple)) else [logger]
+    kept = [
+        lg for lg in loggers if lg not in (None, True, False) and not isinstance(lg, (CSVLogger, TensorBoardLogger))
+    ]
+    return kept or False
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> S2FTCLI:
+
     return S2FTCLI(
         S2FTModule,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"epilog": ADAPTER_HELP, "formatter_class": _RawEpilog},
+        parser_class=S2FTArgumentParser,
+        parser_kwargs={
+            "epilog": ADAPTER_HELP,
+            "formatter_class": _RawEpilog,
+            **{s: {"usage": f"s2ft {s} [-h] [-c CONFIG] [--print_config] [--OPTION VALUE ...]"} for s in SUBCOMMANDS},
+        },
         args=args,
         run=run,
     )
@@ -96,6 +165,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from s2ft_lightning.adapters import AdapterError
     from s2ft_lightning.data.base import DataError
     from s2ft_lightning.demo import DemoModelError
+    from s2ft_lightning.interrupt import ResumeError
     from s2ft_lightning.layers import S2InstallError
     from s2ft_lightning.models import ModelLoadError
     from surgery.analyze import StructureError
@@ -105,7 +175,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         AdapterError, DataError, DemoModelError, S2InstallError, ModelLoadError, StructureError, SelectionError,
-        PlanError, VerificationError, FileNotFoundError,
+        PlanError, VerificationError, FileNotFoundError, ResumeError,
     )  # fmt: skip
 
 
@@ -142,9 +212,28 @@ def _model_path(args: list[str]) -> str | None:
     return value
 
 
+def _no_litlogger_tip(record: logging.LogRecord) -> bool:
+    return "litlogger" not in str(record.msg)
+
+
+def quiet_third_party() -> None:
+    """Silence what other libraries print on every command and that says nothing about the run: torchao's
+    "Failed to load ... _C_mxfp8" lines (transformers imports torchao when it is installed; we use none of its
+    CUDA kernels), torch's pytree notes about torchao's enums, Lightning's litlogger tip, its LeafSpec
+    deprecation under torch >= 2.13 and its note that a resumed run checkpoints into a new folder."""
+    from s2ft_lightning.models import quiet_torchao_import
+
+    quiet_torchao_import()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_litlogger_tip)  # added once however often
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # A resumed run writes into its own new folder by design; ModelCheckpoint warns that the folder changed.
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``s2ft``."""
     args = sys.argv[1:] if argv is None else argv
+    quiet_third_party()
     if args and args[0] == "adapter":
         from s2ft_lightning.adapters.cli import main as adapter_main
 
@@ -153,16 +242,32 @@ def main(argv: list[str] | None = None) -> None:
         print(f"s2ft: error: {hint}", file=sys.stderr)
         raise SystemExit(2)
     try:
-        if (path := _model_path(args)) and "--help" not in args and "-h" not in args:
+        # Before the CLI builds the datamodule, whose tokenizer would fail less clearly; not for --help or
+        # --print_config, which only read the recipe (its model need not exist yet).
+        reading = any(a in ("-h", "--help") or a.startswith("--print_config") for a in args)
+        if (path := _model_path(args)) and not reading:
             from s2ft_lightning.models import check_source
 
-            check_source(path)  # before the CLI builds the datamodule, whose tokenizer would fail less clearly
+            check_source(path)
         cli_main(argv)  # None: LightningCLI reads sys.argv itself (given both, it warns on every run)
-    except _user_errors() as e:
-        if os.environ.get("S2FT_TRACEBACK"):
+    except Exception as e:
+        mistake = _user_error_in(e)
+        if mistake is None or os.environ.get("S2FT_TRACEBACK"):
             raise
-        print(f"s2ft: error: {e}", file=sys.stderr)
+        print(f"s2ft: error: {mistake}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _user_error_in(error: BaseException) -> BaseException | None:
+    """The user mistake behind ``error``: itself, or the cause jsonargparse wrapped while instantiating a class
+    (a datamodule refusing its max_length arrives as "Does not validate against any of the Union subtypes")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, _user_errors()):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -32,6 +32,16 @@ _DTYPES = {
 }
 
 
+def quiet_torchao_import() -> None:
+    """Silence what importing torchao prints (transformers imports it whenever it is installed): "Failed to load
+    ... _C_mxfp8 / _C_cutlass_90a" for CUDA kernels S²FT never uses, and torch's pytree notes on its enums.
+    Only these two loggers; an error is still shown. Called by the command-line entry points."""
+    import logging
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 class ModelLoadError(ValueError):
     """A model path that cannot be loaded (missing, not a model, wrong format); the message says why."""
 

@@ -1,4 +1,5 @@
-"""Callbacks that measure and report a run: held-out accuracy, the loss curve, step lines, the end summary.
+"""Callbacks that measure and report a run: held-out accuracy, the loss curve, step lines, the end summary,
+progress bars whose total is the run's.
 
 Every run writes into its own directory, the logger's versioned one (`run_dir`), so runs never overwrite
 each other; `RunSummary` names what was written and points ``<logger dir>/latest`` at the newest run.
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +187,63 @@ class RunSummary(Callback):
                 lines.append(f"  {label}: {path}")
             if isinstance(cb, ModelCheckpoint) and (cb.last_model_path or cb.best_model_path):
                 lines.append(f"  checkpoint: {cb.last_model_path or cb.best_model_path}")
-        if self._dir.name.startswith("version_") and self._dir.exists():
-            latest = self._dir.parent / "latest"
-            if latest.is_symlink() or not latest.exists():
-                tmp = latest.with_name(f".latest-{os.getpid()}")
-                tmp.unlink(missing_ok=True)
-                tmp.symlink_to(self._dir.name)
-                os.replace(tmp, latest)
-                lines.append(f"  also at: {latest}")
+        if latest := point_latest(self._dir):
+            lines.append(f"  also at: {latest}")
         print("\n".join(lines), flush=True)
+
+
+def point_latest(run: Path) -> Path | None:
+    """Point ``<logger dir>/latest`` at ``run`` (a logger's ``version_N`` folder); the link, or None when ``run``
+    is not a versioned folder or ``latest`` is a real folder (never replaced)."""
+    if not run.name.startswith("version_") or not run.exists():
+        return None
+    latest = run.parent / "latest"
+    if latest.exists() and not latest.is_symlink():
+        return None
+    tmp = latest.with_name(f".latest-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run.name)
+    os.replace(tmp, latest)
+    return latest
+
+
+class _RunLengthTotal:
+    """Progress-bar mixin: the training bar's total is what this run will train in this epoch, not the epoch's
+    length (a 200-step run over 250-batch epochs ends at 200/200, not 200/250)."""
+
+    _anchor: tuple[int, int] | None = None  # (batches done in the epoch, global step) at a known point
+
+    @property
+    def total_train_batches(self) -> int | float:
+        total = super().total_train_batches
+        trainer = self.trainer
+        if self._anchor is None or trainer.max_steps is None or trainer.max_steps < 0 or total == float("inf"):
+            return total
+        batches, step = self._anchor
+        return min(total, batches + max(0, trainer.max_steps - step) * trainer.accumulate_grad_batches)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._anchor = (0, trainer.global_step)
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._anchor is None:  # resumed mid-epoch: Lightning starts the bar here, without an epoch start
+            self._anchor = (batch_idx + 1, trainer.global_step)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class RunRichProgressBar(_RunLengthTotal, RichProgressBar):
+    """Lightning's rich progress bar, its training total the run's."""
+
+
+class RunTQDMProgressBar(_RunLengthTotal, TQDMProgressBar):
+    """Lightning's tqdm progress bar, its training total the run's."""
+
+
+def use_run_length_bar(trainer: L.Trainer) -> None:
+    """Give the trainer's Lightning progress bar its run-length total. The bar keeps its settings: the subclass
+    adds methods only, so its class is swapped in place."""
+    for cb in trainer.callbacks:
+        for lightning_bar, ours in ((RichProgressBar, RunRichProgressBar), (TQDMProgressBar, RunTQDMProgressBar)):
+            if type(cb) is lightning_bar:
+                cb.__class__ = ours

@@ -270,6 +270,50 @@ def test_adapter_cli_inspect_merge_export_fuse(llama_adapter, tmp_path, capsys):
         assert (tmp_path / "merged" / "config.json").stat().st_mtime_ns == stamp
 
 
+def test_adapter_cli_out_folder_force_inputs_and_permissions(llama_adapter, tmp_path, capsys):
+    """--out: new or empty folders are filled, an occupied one needs --force, an input is never replaced; what is
+    written is readable like any other file (safetensors writes 0600 by itself)."""
+    import os
+    import stat
+
+    from s2ft_lightning.adapters.cli import main
+
+    adapter, _, _ = llama_adapter
+    save_adapter(adapter, tmp_path / "ad")
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [tmp_path / "ad", *(tmp_path / "ad").iterdir()]:
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(path.stat().st_mode) == want, path  # adapter_model.safetensors included
+    ad = str(tmp_path / "ad")
+    (tmp_path / "empty").mkdir()
+    assert main(["export-lora", ad, "--out", str(tmp_path / "empty")]) == 0  # an empty folder is filled
+    lora = tmp_path / "empty" / "adapter_model.safetensors"
+    assert lora.is_file() and stat.S_IMODE(lora.stat().st_mode) == 0o666 & ~mask
+    stamp = lora.stat().st_mtime_ns
+    assert main(["export-lora", ad, "--out", str(tmp_path / "empty")]) == 2
+    assert "already exists; pass --force to replace it" in capsys.readouterr().err
+    assert lora.stat().st_mtime_ns == stamp
+    (tmp_path / "empty" / "stale.txt").write_text("from before")
+    assert main(["export-lora", ad, "--out", str(tmp_path / "empty"), "--force"]) == 0
+    assert lora.is_file() and not (tmp_path / "empty" / "stale.txt").exists()  # replaced as a whole
+    for argv in (["export", ad, "--out", ad, "--force"], ["fuse", ad, "--out", str(tmp_path), "--force"]):
+        assert main(argv) == 2
+        assert "would replace the input" in capsys.readouterr().err
+    assert load_adapter(ad).num_params == adapter.num_params
+    (tmp_path / "file.txt").write_text("x")
+    assert main(["export", ad, "--out", str(tmp_path / "file.txt"), "--force"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    # a file is not an adapter directory, and the message says so (it does exist)
+    assert main(["inspect", str(tmp_path / "file.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not an adapter directory" in err and "does not exist" not in err
+    with pytest.raises(SystemExit) as e:  # argparse's own mistakes: one line, no usage dump
+        main(["merge", ad])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--out" in err and "usage" not in err
+
+
 def test_inspect_into_a_closed_pipe_ends_quietly(llama_adapter, tmp_path):
     import subprocess
     import sys

@@ -189,3 +189,99 @@ def test_fit_help_describes_every_s2_option(capsys):
     for option in ("o_ratio", "v_ratio", "u_ratio", "d_ratio", "strategy", "variant", "allocation", "seed"):
         assert f"--model.s2.{option}" in text
     assert "Fraction of attention heads per layer" in text and "The base model: a local Hugging Face folder" in text
+
+
+def test_parser_mistakes_name_the_option_and_the_fix_in_one_line(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    quick = str(next(c for c in CONFIGS if c.stem == "quickstart"))
+    monkeypatch.chdir(tmp_path)
+    s2_typo = _bad(tmp_path, lambda r: r["model"]["s2"].update(o_ration=0.1)).rename(tmp_path / "s2_typo.yaml")
+    data_typo = _bad(tmp_path, lambda r: r["data"]["init_args"].update(batch_sise=3))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  s2: [\n")
+    fit = ["fit", "--config", quick, "--model.model", str(tiny_llama_dir)]
+    cases = [
+        (
+            [*fit, "--model.model_name_or_path", "x"],
+            "unknown option --model.model_name_or_path (did you mean --model.model",
+        ),
+        ([*fit, "--trainer.max_steps", "abc"], "--trainer.max_steps 'abc' is not an integer"),
+        (["fit", "--config", "nope.yaml"], "--config nope.yaml: no such file"),
+        (["fit", "--config", str(broken)], f"--config {broken} is not valid YAML"),
+        (
+            ["fit", "--config", str(s2_typo)],
+            f"unknown key model.s2.o_ration in {s2_typo} (did you mean model.s2.o_ratio",
+        ),
+        (["fit", "--config", str(data_typo)], "unknown key data.batch_sise in"),
+        ([*fit, "--model.s2.d_ratio", "nan"], "--model.s2.d_ratio 'nan' is not a finite number (Fraction of FFN"),
+        ([*fit, "--model.s2.master_dtype", "fp16"], "--model.s2.master_dtype 'fp16' is not one of fp32, base"),
+        ([*fit, "--data.batch_sise", "3"], "unknown option --data.batch_sise (did you mean --data.batch_size"),
+        ([*fit, "--max_steps", "3"], "unknown option --max_steps (did you mean --trainer.max_steps?)"),
+        ([*fit, "--data", "ReasoningGym"], "is not a datamodule class (did you mean ReasoningGymDataModule?)"),
+        (["fitt"], "unknown command 'fitt' (did you mean fit?)"),
+        ([], "no command given: s2ft fit | validate"),
+        # beyond the tiny model's 128-token context: refused when the datamodule is built, before the model loads
+        ([*fit, "--data.max_length", "1000", "--trainer.logger", "false"], "context length of 128 tokens"),
+    ]
+    for argv, message in cases:
+        code, out = _run_main(argv, capsys)
+        errors = [line for line in out.err.splitlines() if "error:" in line]
+        assert code == 2 and message in out.err, (argv, out.err)
+        assert len(errors) == 1 and out.err.strip().endswith(errors[0]), out.err  # one line, the last
+        assert "usage:" not in out.err and "Traceback" not in out.err
+    assert "--data.max_length 128" in out.err  # the fix, with the number
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_console_script_prints_one_line_for_a_typo(tmp_path):
+    """Through the installed `s2ft` entry point, as a user types it."""
+    import os
+    import subprocess
+
+    quick = next(c for c in CONFIGS if c.stem == "quickstart")
+    script = Path(sys.executable).parent / "s2ft"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "s2ft_lightning.cli"]
+    proc = subprocess.run([*cmd, "fit", "--config", str(quick), "--model.model_name_or_path", "x"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ))  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "s2ft fit: error: unknown option --model.model_name_or_path (did you mean --model.model or "
+        "--model.plan_path?); `s2ft fit --help` lists every option"
+    ]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_print_config_reads_every_recipe_without_its_model(config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("S2FT_CACHE", str(tmp_path / "empty-cache"))  # not even the demo model is there
+    monkeypatch.chdir(tmp_path)
+    code, out = _run_main(["fit", "--config", str(config), "--print_config"], capsys)
+    assert code == 0, out.err
+    printed = yaml.safe_load(out.out)
+    assert printed["model"]["model"] == yaml.safe_load(config.read_text())["model"]["model"]
+    assert not (tmp_path / "empty-cache").exists()
+
+
+def test_fit_help_lists_s2ft_and_data_options_before_lightnings(capsys):
+    code, out = _run_main(["fit", "--help"], capsys)
+    lines = out.out.splitlines()
+
+    def at(option: str) -> int:
+        return next(i for i, line in enumerate(lines) if line.strip().startswith(option + " "))
+
+    assert code == 0 and lines[0].startswith("usage: s2ft fit") and len(lines[0]) < 100
+    assert at("--model.model") < at("--model.s2.d_ratio") < at("--data.task") < at("--trainer.accelerator")
+    # every shipped datamodule's options, not only --data.help CLASS
+    for option in ("--data.max_length", "--data.batch_size", "--data.train_file", "--data.train_files", "--data.task"):
+        assert at(option) < at("--trainer.max_steps"), option
+
+
+def test_evaluation_runs_leave_out_only_loggers_that_make_run_folders(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    from s2ft_lightning.cli import _without_local_loggers
+
+    remote = DummyLogger()  # stands for W&B, MLflow, ...: no run folder of ours
+    assert _without_local_loggers([CSVLogger(tmp_path), remote, CSVLogger(tmp_path / "b")]) == [remote]
+    assert _without_local_loggers(True) is False and _without_local_loggers(CSVLogger(tmp_path)) is False
+    assert not list(tmp_path.iterdir())

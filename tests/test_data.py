@@ -232,7 +232,7 @@ def test_context_length_from_model_folder(tmp_path):
     assert dm.context_length == 40
     with pytest.raises(SequenceTooLongError, match="context length"):
         dm.setup("fit")
-    with pytest.raises(ValueError, match="exceeds the model's context length 40"):
+    with pytest.raises(ValueError, match="exceeds the model's context length of 40 tokens"):
         InstructionDataModule(str(folder), f, max_length=41)
 
 

@@ -70,3 +70,17 @@ def test_unknown_strategy_is_refused_by_the_parser_with_the_choices(capsys):
 def test_missing_model_path_exits_2(tmp_path, capsys):
     assert inspect_structure.main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_tiny_model_type_is_one_short_line_with_close_matches(capsys):
+    assert inspect_structure.main(["notamodel", "--tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 400 and "'notamodel' is none of the" in err  # not all ~800 types
+    assert inspect_structure.main(["lama", "--tiny"]) == 2
+    assert "did you mean llama" in capsys.readouterr().err
+
+
+def test_model_argument_has_help(capsys):
+    with pytest.raises(SystemExit):
+        inspect_structure.main(["--help"])
+    assert "a transformers model_type" in " ".join(capsys.readouterr().out.split())

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -24,7 +30,10 @@ def test_callback_example_runs_as_printed(tmp_path, monkeypatch):
     code = _python_block_after("In your own Lightning project")
     monkeypatch.chdir(tmp_path)
     scope: dict = {"__name__": "readme_example"}
-    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    assert not [w for w in caught if "eval mode" in str(w.message)]  # the model trains in train mode
     trainer, restored = scope["trainer"], scope["restored"]
     assert trainer.global_step == 4
     assert (tmp_path / "runs" / "example" / "adapters" / "default" / "adapter_config.json").is_file()
@@ -46,34 +55,72 @@ def _commands_after(marker: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_use_commands_run_as_printed(tmp_path):
-    """The README's "Use" block, in a fresh folder, in order (the first command makes the run the others use)."""
-    import os
-    import subprocess
-    import sys
-
+def test_use_commands_run_twice_on_the_quickstarts_run(tmp_path):
+    """The README's "Use" block right after the quickstart (shortened to 3 steps), in a fresh folder, run twice
+    as printed: every command succeeds both times and works on the quickstart's run, which stays `latest`."""
     repo = README.parent
     for name in ("configs", "tools", "benchmarks"):
         (tmp_path / name).symlink_to(repo / name)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    commands = _commands_after("## Use")
-    assert len(commands) == 7 and commands[0].startswith("s2ft fit")
-    for cmd in commands:
+
+    def run(cmd: str) -> subprocess.CompletedProcess:
         proc = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-        if "inspect_structure" in cmd:
-            assert "verification: PASSED" in proc.stdout
-        if "adapter inspect" in cmd:
-            assert "adapter 'default'" in proc.stdout
-        if "validate" in cmd:
-            assert "val/loss" in proc.stdout
-        if "export-lora" in cmd:
-            assert "(30 modules, rank 95)" in proc.stdout  # Down columns of 95 channels in each of 30 layers
-    assert (tmp_path / "runs" / "quickstart" / "logs" / "latest" / "adapter" / "default").is_dir()
+        return proc
+
+    assert _commands_after("## Quickstart") == ["s2ft fit --config configs/quickstart.yaml"]
+    # the quickstart, shortened: 3 steps on fewer generated questions
+    run("s2ft fit --config configs/quickstart.yaml --trainer.max_steps 3 --data.train_size 64 --data.test_size 8")
+    logs = tmp_path / "runs" / "quickstart" / "logs"
+    quickstart = (logs / "latest").resolve()
+    assert quickstart == (logs / "version_0").resolve()
+    commands = _commands_after("## Use")
+    assert len(commands) == 6 and commands[0].startswith("s2ft fit") and "--print_config" in commands[0]
+    for _ in range(2):
+        for cmd in commands:
+            proc = run(cmd)
+            if "--print_config" in cmd:
+                printed = yaml.safe_load(proc.stdout)
+                assert printed["trainer"]["max_steps"] == 400 and printed["model"]["s2"]["d_ratio"] == 0.03
+            if "inspect_structure" in cmd:
+                assert "verification: PASSED" in proc.stdout
+            if "adapter inspect" in cmd:
+                assert "adapter 'default'" in proc.stdout
+            if "validate" in cmd:
+                assert "val/loss" in proc.stdout and "validate_metrics.json" in proc.stdout
+            if "export-lora" in cmd:
+                assert "(30 modules, rank 95)" in proc.stdout  # Down columns of 95 channels in each of 30 layers
+            noise = [
+                n for n in ("Failed to load", "_pytree", "litlogger", "LeafSpec") if n in proc.stdout + proc.stderr
+            ]
+            assert not noise, (cmd, noise)
+        # the block worked on the quickstart's run, made no run folder of its own and left it the latest
+        assert sorted(p.name for p in logs.iterdir()) == ["latest", "version_0"]
+        assert (logs / "latest").resolve() == quickstart
+        validated = json.loads((quickstart / "validate_metrics.json").read_text())
+        assert validated["checkpoint"].startswith("runs/quickstart/logs/latest") and "val/loss" in validated["metrics"]
+        _check_merged(tmp_path / "runs" / "quickstart" / "merged", quickstart)
     merged = tmp_path / "runs" / "quickstart" / "merged"  # the adapter's recorded base was demo:smollm2
     assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
-    assert merged.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    for path in (merged, *merged.iterdir()):  # safetensors writes 0600; the folder's files are readable
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~_umask(), path
     _check_exported_lora(tmp_path / "runs" / "quickstart")
+
+
+def _check_merged(merged: Path, quickstart: Path) -> None:
+    """The merged folder is the base plus the quickstart run's adapter (and differs from the base)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from s2ft_lightning.adapters import load_adapter, merge_adapter
+    from s2ft_lightning.models import resolve_path
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    got = load_file(merged / "model.safetensors")[name]
+    base = AutoModelForCausalLM.from_pretrained(resolve_path("demo:smollm2"), dtype="auto")
+    assert not torch.equal(base.state_dict()[name], got)
+    merge_adapter(base, load_adapter(quickstart / "adapter" / "default"))
+    assert torch.equal(base.state_dict()[name], got)
 
 
 def _check_exported_lora(run: Path) -> None:

@@ -11,6 +11,7 @@ verification fails, 2 when the model is unsupported or the input is bad.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
@@ -36,8 +37,19 @@ LORA_ROLES = ("q", "k", "v", "up", "down")
 
 def load(model: str, tiny: bool) -> nn.Module:
     if tiny:
+        from transformers import CONFIG_MAPPING
+
         from benchmarks.tiny_models import tiny_model
 
+        types = [t for t in CONFIG_MAPPING if t.islower()]
+        if model not in types:  # transformers' own error lists every model type (~12,000 characters)
+            close = difflib.get_close_matches(model, types, n=4, cutoff=0.6)
+            mean = f"did you mean {', '.join(close)}? " if close else ""
+            raise ValueError(
+                f"--tiny builds a model from a transformers model_type and {model!r} is none of the {len(types)} "
+                f"this transformers knows; {mean}(e.g. llama, qwen3, gpt2, mixtral; without --tiny, MODEL is a "
+                "model folder, a .gguf file or demo:smollm2)"
+            )
         return tiny_model(model)
     from s2ft_lightning.models import load_model
 
@@ -129,12 +141,19 @@ def print_table(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model")
+    p.add_argument(
+        "model",
+        help="a local Hugging Face model folder, a .gguf file or demo:smollm2 (the offline demo model); with --tiny, "
+        "a transformers model_type (llama, qwen3, gpt2, mixtral, ...) built tiny with random weights",
+    )
     p.add_argument("--tiny", action="store_true", help="MODEL is a model_type; build a tiny random model")
     add_arguments(p.add_argument_group("what S²FT would train"), SelectionConfig, o_ratio=0.052, seed=0)
     p.add_argument("--verify", action="store_true", help="permute the model and prove it computes the same function")
     p.add_argument("--json", action="store_true", help="print the audit as JSON")
     args = p.parse_args(argv)
+    from s2ft_lightning.models import quiet_torchao_import
+
+    quiet_torchao_import()
     try:
         args.selection = from_namespace(args, SelectionConfig)
         model = load(args.model, args.tiny)

@@ -8,6 +8,9 @@
 - export-lora DIR --out LORA_DIR [--name N] [--base PATH] [--max-rank R]: the adapter as an exact PEFT LoRA
   adapter (``PeftModel.from_pretrained`` and LoRA serving stacks load it).
 - fuse DIR [DIR ...] --out ADAPTER_DIR [--weights W ...] [--overlap sum|mean]: combine adapters into one.
+
+``--out`` must be a new or an empty folder; ``--force`` replaces an existing one (all-or-nothing: the old folder
+stays until the new one is complete), never the command's own inputs. Mistakes end in one line and exit 2.
 """
 
 from __future__ import annotations
@@ -30,37 +33,65 @@ from s2ft_lightning.atomic import atomic_directory
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the mistake and where the options are listed, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s2ft adapter", description="Inspect, merge, export and fuse S2FT adapters.")
+    p = _Parser(prog="s2ft adapter", description="Inspect, merge, export and fuse S2FT adapters.")
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("inspect", help="summarise an adapter directory")
     i.add_argument("path", help="S2FT adapter directory (adapter_config.json + adapter_model.safetensors)")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     m = sub.add_parser("merge", help="merge adapters into the base and save a stock model folder")
     m.add_argument("path", help="S2FT adapter directory (adapter_config.json + adapter_model.safetensors)")
-    m.add_argument("--out", required=True, help="new folder for the merged model (must not exist)")
+    m.add_argument("--out", required=True, help="folder for the merged model (new or empty; see --force)")
     m.add_argument("--base", help="base model folder (default: base_model recorded in the adapter)")
     m.add_argument("--name", nargs="*", default=None, help="adapters of a multi-adapter directory (default: all)")
     m.add_argument("--scale", nargs="*", type=float, default=None, help="one scale per merged adapter")
     m.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the merged model (auto: as stored)")
     e = sub.add_parser("export", help="write a standalone, validated copy of one adapter")
     e.add_argument("path", help="S2FT adapter directory (adapter_config.json + adapter_model.safetensors)")
-    e.add_argument("--out", required=True, help="new folder for the copy (must not exist)")
+    e.add_argument("--out", required=True, help="folder for the copy (new or empty; see --force)")
     e.add_argument("--name", default=None, help="the adapter of a multi-adapter directory")
     e.add_argument("--base", default=None, help="also check the adapter against this base model folder")
     x = sub.add_parser("export-lora", help="write one adapter as an exact PEFT LoRA adapter directory")
     x.add_argument("path", help="S2FT adapter directory (adapter_config.json + adapter_model.safetensors)")
-    x.add_argument("--out", required=True, help="new folder for the PEFT LoRA adapter (must not exist)")
+    x.add_argument("--out", required=True, help="folder for the PEFT LoRA adapter (new or empty; see --force)")
     x.add_argument("--name", default=None, help="the adapter of a multi-adapter directory")
     x.add_argument("--base", default=None, help="also check the adapter against this base model folder")
     x.add_argument("--max-rank", type=int, default=None, help="refuse modules that need a larger LoRA rank")
     f = sub.add_parser("fuse", help="combine adapters into one (sum / weighted sum / mean on overlaps)")
     f.add_argument("paths", nargs="+", help="adapter directories (multi-adapter directories contribute all)")
-    f.add_argument("--out", required=True, help="new folder for the fused adapter (must not exist)")
+    f.add_argument("--out", required=True, help="folder for the fused adapter (new or empty; see --force)")
     f.add_argument("--weights", nargs="*", type=float, default=None, help="one weight per adapter (default: 1 each)")
     f.add_argument("--overlap", choices=["sum", "mean"], default="sum", help="how overlapping deltas combine")
     f.add_argument("--fused-name", default="fused", help="name of the fused adapter")
+    for command in (m, e, x, f):
+        command.add_argument("--force", action="store_true", help="replace --out if it exists (never an input)")
     return p
+
+
+def _check_out(args) -> None:
+    """Refuse an ``--out`` that holds something unless ``--force``; never let it replace an input."""
+    out = Path(args.out)
+    inputs = [*getattr(args, "paths", []), *([args.path] if getattr(args, "path", None) else [])]
+    inputs += [args.base] if getattr(args, "base", None) else []
+    for given in inputs:
+        src = Path(given).resolve()
+        if Path(given).exists() and (out.resolve() == src or out.resolve() in src.parents):
+            raise FileExistsError(f"--out {args.out} would replace the input {given}; pass another --out")
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return  # an empty folder: filled (replaced by the complete output)
+    if not args.force:
+        raise FileExistsError(f"--out {args.out} already exists; pass --force to replace it, or another --out")
+    if not out.is_dir() or out.is_symlink():
+        raise FileExistsError(f"--out {args.out} is not a folder; --force replaces folders only")
 
 
 def _summary(name: str, a: Adapter) -> dict:
@@ -197,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``s2ft adapter``; returns the exit status (2 for a refused input, with the reason)."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if getattr(args, "out", None) and Path(args.out).exists():  # never replace a folder (it may be a model)
-            raise FileExistsError(f"{args.out} already exists; remove it or pass another --out")
+        if getattr(args, "out", None):
+            _check_out(args)
         cmds = {"inspect": _inspect, "merge": _merge, "export": _export, "export-lora": _export_lora, "fuse": _fuse}
         code = cmds[args.cmd](args)
         sys.stdout.flush()

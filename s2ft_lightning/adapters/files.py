@@ -90,6 +90,11 @@ def list_adapters(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
         return [""]
+    if path.exists() and not path.is_dir():
+        raise AdapterError(
+            f"{str(path)!r} is a file, not an adapter directory; pass the folder that holds {CONFIG_NAME} "
+            "(a fit run writes <run>/adapter/default)"
+        )
     if not path.is_dir():
         raise AdapterError(f"adapter directory {str(path)!r} does not exist")
     return sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file())
@@ -102,6 +107,10 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> Adapter:
 
     path = Path(path) / name if name else Path(path)
     cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if path.exists() and not path.is_dir():
+        raise AdapterError(
+            f"{str(path)!r} is a file, not an adapter directory; pass the folder that holds {CONFIG_NAME}"
+        )
     for p in (cfg_path, w_path):
         if not p.is_file():
             hint = "" if path.is_dir() else " (the directory does not exist)"

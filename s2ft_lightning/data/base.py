@@ -73,12 +73,14 @@ def check_file(path: str | os.PathLike, what: str = "data file") -> Path:
 
 class EpochSeededSampler(Sampler[int]):
     """Shuffles with a generator seeded by ``seed + epoch``, so a run resumed at epoch N sees the same
-    order as an uninterrupted one (Lightning calls ``set_epoch``; DDP swaps in its DistributedSampler)."""
+    order as an uninterrupted one (Lightning calls ``set_epoch``; DDP swaps in its DistributedSampler).
+    ``skip`` leaves out the first indices of the next pass only (a run resumed mid-epoch)."""
 
     def __init__(self, data: Sized, seed: int = 0) -> None:
         self.data = data
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -88,7 +90,42 @@ class EpochSeededSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(len(self.data), generator=g).tolist())
+        skip, self.skip = self.skip, 0
+        return iter(torch.randperm(len(self.data), generator=g).tolist()[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch is saved in Lightning checkpoints (``state_dict``), so a run
+    resumed mid-epoch (after Ctrl-C, or from a periodic checkpoint) goes on with the next batch of the same
+    order instead of restarting the epoch. Lightning saves checkpoints between batches and, with a known
+    length, fetches no batch ahead: the batches handed out so far are the ones trained on."""
+
+    _handed_out = 0
+    _resume: tuple[int, int] | None = None  # (epoch, batches) to skip in the next pass of that epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler, skip = self.sampler, 0
+        if self._resume is not None and isinstance(sampler, EpochSeededSampler) and sampler.epoch == self._resume[0]:
+            skip = self._resume[1]
+            sampler.skip = skip * (self.batch_size or 1)
+        self._resume, self._handed_out = None, skip
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches": self._handed_out}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not isinstance(self.sampler, EpochSeededSampler):
+            warnings.warn(
+                f"the data order under {type(self.sampler).__name__} cannot be resumed mid-epoch: this epoch "
+                "restarts from its first batch",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        self._resume = (int(state["epoch"]), int(state["batches"]))
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -123,9 +160,9 @@ class TokenizedDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DataError(f"batch_size={batch_size}: a batch needs at least 1 row; pass batch_size >= 1")
         if max_length is not None and max_length < 2:
-            raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+            raise DataError(f"max_length={max_length}: rows need at least 2 tokens; pass max_length >= 2")
         self.tokenizer_source = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None
         if self.tokenizer_source is not None:
             self.tokenizer = load_tokenizer(tokenizer)
@@ -136,9 +173,10 @@ class TokenizedDataModule(L.LightningDataModule):
             mml = getattr(self.tokenizer, "model_max_length", None)
             context_length = mml if isinstance(mml, int) and 0 < mml < _NO_LIMIT else None
         if max_length is not None and context_length is not None and max_length > context_length:
-            raise ValueError(
-                f"max_length={max_length} exceeds the model's context length {context_length} "
-                "(max_position_embeddings); lower max_length"
+            raise DataError(
+                f"max_length={max_length} exceeds the model's context length of {context_length} tokens "
+                f"(max_position_embeddings); set max_length to {context_length} or less (on the s2ft command line: "
+                f"--data.max_length {context_length})"
             )
         self.context_length = context_length
         self.max_length = max_length
@@ -189,7 +227,7 @@ class TokenizedDataModule(L.LightningDataModule):
             if name == "val":
                 return []  # Lightning skips validation for an empty loader list
             raise DataError(f"{type(self).__name__} has no {name} split configured")
-        return DataLoader(
+        return (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochSeededSampler(dataset, self.seed) if shuffle else None,
