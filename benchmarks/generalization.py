@@ -173,7 +173,12 @@ def lm_eval_scores(model: Any, tokenizer: Any, task_dir: Path, tasks: Sequence[s
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_device(model)))
         manager = TaskManager(include_path=str(task_dir), include_defaults=False)  # only ours: fast to index
         res = simple_evaluate(
-            model=lm, tasks=list(tasks), task_manager=manager, log_samples=True, bootstrap_iters=0, verbosity="WARNING"
+            model=lm,
+            tasks=list(tasks),
+            task_manager=manager,
+            log_samples=True,
+            bootstrap_iters=100,
+            verbosity="WARNING",
         )
     finally:
         model.train(was_training)
@@ -183,9 +188,15 @@ def lm_eval_scores(model: Any, tokenizer: Any, task_dir: Path, tasks: Sequence[s
         items = []
         for s in sorted(res["samples"][t], key=lambda s: s["doc"]["id"]):
             ll = [float(x[0]) for x in s["filtered_resps"]]
-            lengths = [len(c) for c in s["doc"]["choices"]]
-            norm = [v / max(n, 1) for v, n in zip(ll, lengths)]
-            items.append([s["doc"]["id"], ll.index(max(ll)), norm.index(max(norm)), int(s["acc"]), int(s["acc_norm"])])
+            norm = [v / max(len(c), 1) for v, c in zip(ll, s["doc"]["choices"])]  # lm-eval's acc_norm: per char
+            pred, pred_norm = ll.index(max(ll)), norm.index(max(norm))
+            gold = s["doc"]["gold"]
+            if (pred == gold) != bool(s["acc"]) or (pred_norm == gold) != bool(s["acc_norm"]):
+                raise RuntimeError(
+                    f"lm-eval task {t}, item {s['doc']['id']}: its acc/acc_norm disagree with the predictions read "
+                    "from its log-likelihoods; has lm-eval changed how it scores multiple choice?"
+                )
+            items.append([s["doc"]["id"], pred, pred_norm, int(s["acc"]), int(s["acc_norm"])])
         out[t] = {
             "n": len(items),
             "acc": float(r["acc,none"]),
@@ -254,8 +265,9 @@ def window_nll(model: Any, tokenizer: Any, text: str, *, window: int = 256, max_
 
     Perplexity is exp(sum of NLL / sum of tokens); per-window values allow a paired bootstrap between runs.
     """
-    ids = tokenizer(text[: 32 * (max_tokens + 1)], add_special_tokens=False)["input_ids"]  # no token spans 32 chars
-    if len(ids) <= max_tokens and len(text) > 32 * (max_tokens + 1):
+    prefix = 6 * (max_tokens + 1)  # about 1.5x the characters max_tokens cover in English: no need to tokenize all
+    ids = tokenizer(text[:prefix], add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens + 16 and len(text) > prefix:  # the cut can only change the last few tokens
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = ids[:max_tokens]
     if len(ids) < 2:

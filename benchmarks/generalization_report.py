@@ -115,6 +115,7 @@ def build(out: Path, design: dict, results: dict[str, dict], states: dict[str, d
     if base is not None:
         data["texts"] = {t: {k: v[k] for k in ("source", "sha256", "chars", "tokens")} for t, v in base["ppl"].items()}
     scores: dict[str, dict[int, dict]] = {}  # arm -> seed -> measure -> question -> score
+    curves: dict[str, dict[int, dict]] = {}  # arm -> seed -> step -> per val question 0/1
     for arm, st in states.items():
         if not st["runs"]:
             continue
@@ -127,8 +128,10 @@ def build(out: Path, design: dict, results: dict[str, dict], states: dict[str, d
         }  # fmt: skip
         at_best = {r["spec"]["seed"]: r for r in results.values()
                    if r["spec"]["arm"] == arm and r["spec"]["lr"] == st["best"]}  # fmt: skip
-        scores[arm] = {s: measures(_outputs(r, out)) for s, r in sorted(at_best.items())}
+        outs = {s: _outputs(r, out) for s, r in sorted(at_best.items())}
+        scores[arm] = {s: measures(o) for s, o in outs.items()}
         data["chosen"][arm] = _chosen(arm, st["best"], at_best, scores[arm], base)
+        curves[arm] = {s: o.get("curve", {}) for s, o in outs.items()}
     if base is not None:
         base_scores = {0: measures(_outputs(base, out))}
     arms = list(scores)
@@ -148,7 +151,7 @@ def build(out: Path, design: dict, results: dict[str, dict], states: dict[str, d
             ]
     for group in (*data["comparisons"].values(), *data["vs_base"].values()):
         data["findings"] += [c["sentence"] for c in group if c["verdict"] == "significant"]
-    data["budget"] = _budget(data)
+    data["budget"] = _budget(curves)
     return data
 
 
@@ -195,16 +198,24 @@ def _chosen(arm: str, lr: float, runs: dict[int, dict], scores: dict[int, dict],
     }  # fmt: skip
 
 
-def _budget(data: dict) -> dict:
-    """How much each arm's best run still gained over the last quarter of training (the curve, val split)."""
-    out = {}
-    for arm, ch in data["chosen"].items():
-        c = ch["curve"]
-        if len(c) < 2:
+def _budget(curves: dict[str, dict[int, dict]]) -> dict:
+    """Whether each arm's best run still gained over the last quarter of training: val accuracy at the last curve
+    point minus the point nearest 3/4 of the steps, paired over val questions and seeds (Holm across arms)."""
+    rows, tests = [], []
+    for arm, by_seed in curves.items():
+        steps = sorted({int(k) for c in by_seed.values() for k in c})
+        if len(steps) < 2:
             continue
-        last = c[-1]
-        ref = min(c, key=lambda p: abs(p["step"] - 0.75 * last["step"]))
-        out[arm] = {"from_step": ref["step"], "to_step": last["step"], "gain": last["acc"] - ref["acc"]}
+        last = steps[-1]
+        ref = min(steps[:-1], key=lambda s: abs(s - 0.75 * last))
+        seeds = [s for s, c in by_seed.items() if str(last) in c and str(ref) in c]
+        at = {k: {s: {f"val/{i}": v for i, v in enumerate(by_seed[s][str(k)])} for s in seeds} for k in (last, ref)}
+        rows.append({"arm": arm, "from_step": ref, "to_step": last})
+        tests.append(compare(at[last], at[ref]))
+    out = {}
+    for row, c in zip(rows, decide(tests)):
+        rising = c["verdict"] == "significant" and c["diff"] > 0
+        out[row["arm"]] = {**row, "gain": c["diff"], "ci": c["ci"], "p_holm": c["p_holm"], "still_rising": rising}
     return out
 
 
@@ -256,7 +267,10 @@ def markdown(data: dict) -> str:
                      + " |")  # fmt: skip
     lines.append("")
     for arm, b in data["budget"].items():
-        lines.append(f"- {lab(arm)}: {100 * b['gain']:+.1f} pp from step {b['from_step']} to {b['to_step']}.")
+        lo, hi = (100 * x for x in b["ci"])
+        verdict = "still rising (significant at α=0.05)" if b["still_rising"] else "no further gain detected"
+        lines.append(f"- {lab(arm)}: {100 * b['gain']:+.1f} pp from step {b['from_step']} to {b['to_step']} (95% CI "
+                     f"[{lo:+.1f}, {hi:+.1f}], paired over val questions and seeds): {verdict}.")  # fmt: skip
     lines += [
         "",
         "## Accuracy at each arm's best lr (%, seeds pooled; 95% bootstrap CI over questions)",
@@ -306,7 +320,8 @@ def markdown(data: dict) -> str:
     ]
     for title, family in (("between arms", data["comparisons"]), ("against the base model", data["vs_base"])):
         for m, group in family.items():
-            lines += ["", f"### {_what(m)}, {title}", ""] + [f"- {c['sentence']}" for c in group]
+            if group:
+                lines += ["", f"### {_what(m)}, {title}", ""] + [f"- {c['sentence']}" for c in group]
     lines += ["", "## What the statistics support", ""]
     lines += [f"- {f}" for f in data["findings"]] or ["- No difference between arms or against the base was detected."]
     none = [m for m, g in data["comparisons"].items() if all(c["verdict"] != "significant" for c in g)]

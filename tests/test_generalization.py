@@ -128,8 +128,8 @@ def test_bracket_extends_an_edge_best_until_it_is_interior_then_plans_the_seeds(
     assert st["best"] == 3e-2 and not st["bracketed"] and st["next"] == [1e-1]
     jobs, done = gs.planned_jobs(design, results)
     assert not done and jobs[0][0] == "base"
-    assert [n for n, _ in jobs][4:] == ["s2ft_down_lr0.1_n400_s0", "full_lr0.0001_n400_s0", "full_lr3e-05_n400_s0",
-                                        "full_lr0.0003_n400_s0"]  # fmt: skip
+    assert [n for n, _ in jobs][4:] == ["s2ft_down_lr0.1_n300_s0", "full_lr0.0001_n300_s0", "full_lr3e-05_n300_s0",
+                                        "full_lr0.0003_n300_s0"]  # fmt: skip
     results.update([_fake(design, "s2ft_down", 1e-1, 0, acc[1e-1])])
     st = gs.bracket_state(design, "s2ft_down", results)
     assert st["bracketed"] and st["best"] == 3e-2 and st["next"] == [] and gs.top_lrs(st, 2) == [3e-2, 1e-2]
@@ -138,9 +138,9 @@ def test_bracket_extends_an_edge_best_until_it_is_interior_then_plans_the_seeds(
         results.update([_fake(design, "full", lr, 0, 0.3, loss)])
     jobs, done = gs.planned_jobs(design, results)
     seeds = [n for n, _ in jobs if not n.endswith("_s0") and n != "base"]
-    assert done and seeds == [
-        "s2ft_down_lr0.03_n400_s1", "s2ft_down_lr0.01_n400_s1", "full_lr0.0001_n400_s1", "full_lr0.0003_n400_s1",
-        "s2ft_down_lr0.03_n400_s2", "s2ft_down_lr0.01_n400_s2", "full_lr0.0001_n400_s2", "full_lr0.0003_n400_s2",
+    assert done and seeds == [  # the best lr over the seeds first, then the runner-up
+        "s2ft_down_lr0.03_n300_s1", "full_lr0.0001_n300_s1", "s2ft_down_lr0.03_n300_s2", "full_lr0.0001_n300_s2",
+        "s2ft_down_lr0.01_n300_s1", "full_lr0.0003_n300_s1", "s2ft_down_lr0.01_n300_s2", "full_lr0.0003_n300_s2",
     ]  # fmt: skip
     # an arm whose best stays at the edge stops after max_extensions, marked not bracketed
     edge = gs.load_design(CONFIG, smoke=False, arms=["lora"])
@@ -271,13 +271,13 @@ def test_smoke_study_resumes_job_by_job(smoke_study, capsys):
     assert {p.parent.name: p.stat().st_mtime_ns for p in jobs.glob("*/result.json") if p.parent != victim} == kept
     assert (victim / "result.json").is_file() and (victim / "outputs.json.gz").is_file()
     assert gs.main(["status", *argv]) == 0
-    assert f"{len(list(jobs.iterdir()))} done; about 0.0 h left" in capsys.readouterr().out
+    assert f"{len(list(jobs.iterdir()))} done (" in capsys.readouterr().out
 
 
 def test_job_keys_ignore_where_the_job_ran():
     design = gs.load_design(CONFIG, smoke=False)
     name, spec = gs.job(design, "lora", 3e-3, 1)
-    assert name == "lora_lr0.003_n400_s1" and "job_dir" not in spec
+    assert name == "lora_lr0.003_n300_s1" and "job_dir" not in spec
     assert spec["arm_config"]["s2"] == design["arms"]["s2ft_odown"]["s2"]  # LoRA's rank matches O + Down's count
     assert gs.job_key(spec) == gs.job_key(json.loads(json.dumps(spec)))
     assert gs.job_key(spec) != gs.job_key({**spec, "lr": 1e-3})

@@ -14,7 +14,8 @@ stored with it. Job order, so an unfinished study already compares every arm:
 1. the base model (no training);
 2. the learning-rate bracket on the first seed, arm by arm in turn: each arm's grid, middle lr first; then, while
    an arm's best lr (val accuracy; ties: lower val loss) is at an edge of its grid, one half-decade step beyond it;
-3. the other seeds, seed by seed over every arm, at each arm's ``top_lrs`` best lrs of the bracket.
+3. the other seeds at each arm's best lr of the bracket, seed by seed over every arm; then the same at its
+   second best lr (``top_lrs``).
 
 Each job is a folder under <out>/generalization/jobs/ holding result.json (small) and outputs.json.gz (every
 question's id, prediction and correctness), reused when rerun with the same spec: an interrupted study resumes where
@@ -149,6 +150,7 @@ def run_job(spec: dict, runtime: dict) -> tuple[dict, dict]:
         curve.append({"step": step, "correct": sum(r[2] for r in scored), "n": len(scored)})
         curve[-1].update(seconds=time.perf_counter() - t0, cpu=time.process_time() - c0)
         outputs["val"] = scored
+        outputs.setdefault("curve", {})[str(step)] = [r[2] for r in scored]  # per val question, for paired tests
 
     if spec["method"] == "base":
         from s2ft_lightning.models import load_model
@@ -400,10 +402,11 @@ def planned_jobs(design: dict, results: dict[str, dict]) -> tuple[list[tuple[str
     jobs += [job(design, arm, st["next"][i], design["seeds"][0]) for i in range(rounds)
              for arm, st in states.items() if i < len(st["next"])]  # fmt: skip
     done = all(not st["next"] for st in states.values())
-    if done:
-        for seed in design["seeds"][1:]:
-            for arm, st in states.items():
-                jobs += [job(design, arm, lr, seed) for lr in top_lrs(st, design["top_lrs"])]
+    if done:  # each arm's best lr at every seed first (the comparison the report leads with), then the runners-up
+        for rank in range(design["top_lrs"]):
+            for seed in design["seeds"][1:]:
+                jobs += [job(design, arm, top_lrs(st, rank + 1)[rank], seed) for arm, st in states.items()
+                         if len(top_lrs(st, rank + 1)) > rank]  # fmt: skip
     return jobs, done
 
 
@@ -449,10 +452,11 @@ def run_study(args: argparse.Namespace) -> None:
     design, runtime, out = prepare(args)
     done = finished_results(design, out)
     print(f"[generalization] {out}: {len(done)} of the jobs planned so far are finished", flush=True)
+    failed: dict[str, str] = {}
     while True:
         results = finished_results(design, out)
-        jobs, bracket_done = planned_jobs(design, results)
-        todo = [(n, s) for n, s in jobs if n not in results]
+        jobs, _ = planned_jobs(design, results)
+        todo = [(n, s) for n, s in jobs if n not in results and n not in failed]
         if not todo:
             break
         name, spec = todo[0]
@@ -461,7 +465,14 @@ def run_study(args: argparse.Namespace) -> None:
         except qs.JobClaimed as e:  # another process over this --out runs it: wait for it, then re-plan
             print(f"[generalization] {name}: waiting, {e}", flush=True)
             qs.wait_for_claim(out / "jobs" / name)
+        except (subprocess.CalledProcessError, RuntimeError) as e:
+            # one broken job must not stop a night's study: the jobs that do not depend on it go on, and a rerun
+            # retries it (its folder has no result)
+            failed[name] = str(e)
+            print(f"[generalization] {name}: FAILED ({e}); going on with the jobs that do not need it", flush=True)
     report(args)
+    if failed:
+        raise RuntimeError(f"{len(failed)} job(s) failed: {', '.join(failed)}; see the log above, fix, and rerun")
 
 
 def status(args: argparse.Namespace) -> str:
@@ -470,33 +481,40 @@ def status(args: argparse.Namespace) -> str:
     results = finished_results(design, out)
     jobs, bracket_done = planned_jobs(design, results)
     cost = _measured_costs(results)
-    lines, left = [], 0.0
+    lines, left = [], [0.0, 0.0]
     for name, spec in jobs:
         if name in results:
             r = results[name]
-            lines.append(f"done     {name}  ({r.get('wall_seconds', 0) / 60:.0f} min)")
+            lines.append(f"done     {name}  ({r['cpu_seconds'] / 60:.0f} CPU-min, {r['wall_seconds'] / 60:.0f} min)")
             continue
         running = (out / "jobs" / name / "RUNNING").exists()
-        est = cost.get(spec["arm"], cost.get("*", 0.0))
-        left += est
-        lines.append(f"{'running' if running else 'planned'}  {name}  (~{est / 60:.0f} min)")
-    more = "" if bracket_done else " + the seed phase, planned when the bracket finishes"
-    per_seed = sum(cost.get(a, 0.0) for a in design["arms"]) * design["top_lrs"] * (len(design["seeds"]) - 1)
-    if not bracket_done:
-        left += per_seed
-    lines.append(f"{len(results)} done; about {left / 3600:.1f} h left at the measured costs{more}")
+        est = cost.get(spec["arm"], cost.get("*", (0.0, 0.0)))
+        left = [left[0] + est[0], left[1] + est[1]]
+        lines.append(f"{'running' if running else 'planned'}  {name}  (~{est[0] / 60:.0f} CPU-min)")
+    more = ""
+    if not bracket_done:  # the seed phase is planned once the bracket ends: count top_lrs x other seeds per arm
+        more = " (with the seed phase, planned when the bracket ends, estimated)"
+        for arm in design["arms"]:
+            est = cost.get(arm, cost.get("*", (0.0, 0.0)))
+            n = design["top_lrs"] * (len(design["seeds"]) - 1)
+            left = [left[0] + n * est[0], left[1] + n * est[1]]
+    spent = [sum(r["cpu_seconds"] for r in results.values()), sum(r["wall_seconds"] for r in results.values())]
+    lines.append(
+        f"{len(results)} done ({spent[0] / 3600:.1f} CPU-h, {spent[1] / 3600:.1f} h wall); about {left[0] / 3600:.1f} "
+        f"CPU-h left{more}, {left[1] / 3600:.1f} h wall at the pace so far"
+    )
     return "\n".join(lines)
 
 
-def _measured_costs(results: dict[str, dict]) -> dict[str, float]:
-    """Mean wall seconds of a finished job per arm (``*``: over all arms)."""
-    by_arm: dict[str, list[float]] = {}
+def _measured_costs(results: dict[str, dict]) -> dict[str, tuple[float, float]]:
+    """(mean CPU seconds, mean wall seconds) of a finished training job per arm (``*``: over all arms)."""
+    by_arm: dict[str, list[tuple[float, float]]] = {}
     for r in results.values():
-        if r["spec"]["arm"] != "base" and "wall_seconds" in r:
-            by_arm.setdefault(r["spec"]["arm"], []).append(r["wall_seconds"])
-    cost = {a: statistics.fmean(v) for a, v in by_arm.items()}
+        if r["spec"]["arm"] != "base":
+            by_arm.setdefault(r["spec"]["arm"], []).append((r["cpu_seconds"], r["wall_seconds"]))
+    cost = {a: (statistics.fmean(c for c, _ in v), statistics.fmean(w for _, w in v)) for a, v in by_arm.items()}
     if cost:
-        cost["*"] = statistics.fmean(cost.values())
+        cost["*"] = (statistics.fmean(c for c, _ in cost.values()), statistics.fmean(w for _, w in cost.values()))
     return cost
 
 
