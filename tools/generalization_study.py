@@ -481,23 +481,32 @@ def status(args: argparse.Namespace) -> str:
     results = finished_results(design, out)
     jobs, bracket_done = planned_jobs(design, results)
     cost = _measured_costs(results)
-    lines, left = [], [0.0, 0.0]
+    lines, left, unknown = [], [0.0, 0.0], 0
     for name, spec in jobs:
         if name in results:
             r = results[name]
             lines.append(f"done     {name}  ({r['cpu_seconds'] / 60:.0f} CPU-min, {r['wall_seconds'] / 60:.0f} min)")
             continue
         running = (out / "jobs" / name / "RUNNING").exists()
-        est = cost.get(spec["arm"], cost.get("*", (0.0, 0.0)))
-        left = [left[0] + est[0], left[1] + est[1]]
-        lines.append(f"{'running' if running else 'planned'}  {name}  (~{est[0] / 60:.0f} CPU-min)")
+        est = cost.get(spec["arm"], cost.get("*"))
+        if est is None:
+            unknown += 1
+        else:
+            left = [left[0] + est[0], left[1] + est[1]]
+        cpu = "?" if est is None else f"{est[0] / 60:.0f}"
+        lines.append(f"{'running' if running else 'planned'}  {name}  (~{cpu} CPU-min)")
     more = ""
     if not bracket_done:  # the seed phase is planned once the bracket ends: count top_lrs x other seeds per arm
         more = " (with the seed phase, planned when the bracket ends, estimated)"
         for arm in design["arms"]:
-            est = cost.get(arm, cost.get("*", (0.0, 0.0)))
+            est = cost.get(arm, cost.get("*"))
             n = design["top_lrs"] * (len(design["seeds"]) - 1)
-            left = [left[0] + n * est[0], left[1] + n * est[1]]
+            if est is None:
+                unknown += n
+            else:
+                left = [left[0] + n * est[0], left[1] + n * est[1]]
+    if unknown:
+        more += f"; {unknown} job(s) not counted: no training job has finished yet to measure their cost"
     spent = [sum(r["cpu_seconds"] for r in results.values()), sum(r["wall_seconds"] for r in results.values())]
     lines.append(
         f"{len(results)} done ({spent[0] / 3600:.1f} CPU-h, {spent[1] / 3600:.1f} h wall); about {left[0] / 3600:.1f} "
