@@ -151,6 +151,7 @@ def run_job(spec: dict, runtime: dict) -> tuple[dict, dict]:
         curve[-1].update(seconds=time.perf_counter() - t0, cpu=time.process_time() - c0)
         outputs["val"] = scored
         outputs.setdefault("curve", {})[str(step)] = [r[2] for r in scored]  # per val question, for paired tests
+        print(f"[generalization]   step {step}: val {curve[-1]['correct']}/{len(scored)}", flush=True)
 
     if spec["method"] == "base":
         from s2ft_lightning.models import load_model
