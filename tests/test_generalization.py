@@ -127,9 +127,17 @@ def test_bracket_extends_an_edge_best_until_it_is_interior_then_plans_the_seeds(
     st = gs.bracket_state(design, "s2ft_down", results)
     assert st["best"] == 3e-2 and not st["bracketed"] and st["next"] == [1e-1]
     jobs, done = gs.planned_jobs(design, results)
-    assert not done and jobs[0][0] == "base"
-    assert [n for n, _ in jobs][4:] == ["s2ft_down_lr0.1_n300_s0", "full_lr0.0001_n300_s0", "full_lr3e-05_n300_s0",
-                                        "full_lr0.0003_n300_s0"]  # fmt: skip
+    assert not done and [n for n, _ in jobs] == [  # arm by arm in turn: each arm's k-th lr before any (k+1)-th
+        "base", "s2ft_down_lr0.01_n300_s0", "full_lr0.0001_n300_s0", "s2ft_down_lr0.003_n300_s0",
+        "full_lr3e-05_n300_s0", "s2ft_down_lr0.03_n300_s0", "full_lr0.0003_n300_s0", "s2ft_down_lr0.1_n300_s0",
+    ]  # fmt: skip
+    partial = {n: r for n, r in results.items() if "lr0.01_" in n}  # only the middle lr has run
+    assert [n for n, _ in gs.planned_jobs(design, partial)[0]][:4] == [
+        "base",
+        "s2ft_down_lr0.01_n300_s0",
+        "full_lr0.0001_n300_s0",
+        "s2ft_down_lr0.003_n300_s0",
+    ]  # the other arm's middle lr comes before this arm's next
     results.update([_fake(design, "s2ft_down", 1e-1, 0, acc[1e-1])])
     st = gs.bracket_state(design, "s2ft_down", results)
     assert st["bracketed"] and st["best"] == 3e-2 and st["next"] == [] and gs.top_lrs(st, 2) == [3e-2, 1e-2]

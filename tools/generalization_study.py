@@ -361,7 +361,7 @@ def bracket_state(design: dict, arm: str, results: dict[str, dict]) -> dict:
 
     ``next`` lists the lrs to run now: the initial grid's missing ones (middle first), else one half-decade step
     beyond the edge holding the best lr while extensions remain, else nothing (``bracketed`` says whether the best
-    lies strictly inside the grid).
+    lies strictly inside the grid). ``sequence`` is every lr of the arm's bracket known now, in run order.
     """
     seed, initial = design["seeds"][0], sorted(design["arms"][arm]["lrs"])
     lo, hi = design["bracket"]["lr_bounds"]
@@ -370,10 +370,12 @@ def bracket_state(design: dict, arm: str, results: dict[str, dict]) -> dict:
     runs = {lr: results.get(job(design, arm, lr, seed)[0]) for lr in order}
     missing = [lr for lr in order if runs[lr] is None]
     state = {"arm": arm, "grid": initial, "runs": {}, "next": missing, "best": None, "bracketed": False}
+    state["sequence"] = list(order)
     if missing:
         return state
     grid = list(initial)
     while True:
+        state["sequence"] = order + [lr for lr in grid if lr not in order]
         ranked = sorted(grid, key=lambda lr: _rank_key(runs[lr]), reverse=True)
         best = ranked[0]
         state.update(grid=sorted(grid), best=best, ranking=ranked, bracketed=min(grid) < best < max(grid))
@@ -389,6 +391,7 @@ def bracket_state(design: dict, arm: str, results: dict[str, dict]) -> dict:
             runs[step] = results.get(job(design, arm, step, seed)[0])
         if runs[step] is None:
             state["next"] = [step]
+            state["sequence"].append(step)
             return state
         grid.append(step)
 
@@ -397,11 +400,9 @@ def planned_jobs(design: dict, results: dict[str, dict]) -> tuple[list[tuple[str
     """(every job the study runs that is known now, in run order; whether the bracket is finished everywhere)."""
     jobs = [job(design, None)]
     states = {arm: bracket_state(design, arm, results) for arm in design["arms"]}
-    for arm, st in states.items():  # the bracket's finished runs, then what runs next
-        jobs += [job(design, arm, lr, design["seeds"][0]) for lr in st["runs"]]
-    rounds = max((len(st["next"]) for st in states.values()), default=0)
-    jobs += [job(design, arm, st["next"][i], design["seeds"][0]) for i in range(rounds)
-             for arm, st in states.items() if i < len(st["next"])]  # fmt: skip
+    # the bracket arm by arm in turn: every arm's first lr (its grid's middle), then every arm's second, ...
+    turns = sorted((k, i, arm, lr) for i, (arm, st) in enumerate(states.items()) for k, lr in enumerate(st["sequence"]))
+    jobs += [job(design, arm, lr, design["seeds"][0]) for _, _, arm, lr in turns]
     done = all(not st["next"] for st in states.values())
     if done:  # each arm's best lr at every seed first (the comparison the report leads with), then the runners-up
         for rank in range(design["top_lrs"]):
