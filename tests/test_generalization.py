@@ -278,8 +278,14 @@ def test_smoke_study_resumes_job_by_job(smoke_study, capsys):
     assert f"{len(kept)} of the jobs planned so far are finished" in printed
     assert {p.parent.name: p.stat().st_mtime_ns for p in jobs.glob("*/result.json") if p.parent != victim} == kept
     assert (victim / "result.json").is_file() and (victim / "outputs.json.gz").is_file()
+    (victim / "result.json").rename(victim / "result.kept")  # killed mid-job: a RUNNING file no process holds
+    (victim / "RUNNING").write_text("12345")
     assert gs.main(["status", *argv]) == 0
-    assert f"{len(list(jobs.iterdir()))} done (" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{len(list(jobs.iterdir())) - 1} done (" in printed and f"planned  {victim.name}" in printed
+    with gs.qs._claim(victim, victim.name):  # a live claim shows as running
+        assert gs.main(["status", *argv]) == 0
+    assert f"running  {victim.name}" in capsys.readouterr().out
 
 
 def test_job_keys_ignore_where_the_job_ran():

@@ -30,6 +30,7 @@ import functools
 import gzip
 import hashlib
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -489,7 +490,7 @@ def status(args: argparse.Namespace) -> str:
             r = results[name]
             lines.append(f"done     {name}  ({r['cpu_seconds'] / 60:.0f} CPU-min, {r['wall_seconds'] / 60:.0f} min)")
             continue
-        running = (out / "jobs" / name / "RUNNING").exists()
+        running = _held(out / "jobs" / name / "RUNNING")
         est = cost.get(spec["arm"], cost.get("*"))
         if est is None:
             unknown += 1
@@ -515,6 +516,23 @@ def status(args: argparse.Namespace) -> str:
         f"CPU-h left{more}, {left[1] / 3600:.1f} h wall at the pace so far"
     )
     return "\n".join(lines)
+
+
+def _held(lock: Path) -> bool:
+    """Whether a live process holds this job's claim (a RUNNING file left by a killed run holds nothing)."""
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _measured_costs(results: dict[str, dict]) -> dict[str, tuple[float, float]]:
