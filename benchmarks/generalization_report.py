@@ -122,6 +122,7 @@ def build(out: Path, design: dict, results: dict[str, dict], states: dict[str, d
         data["bracket"][arm] = {
             "grid": st["grid"], "best": st["best"], "top": st.get("ranking", [])[: design["top_lrs"]],
             "bracketed": st["bracketed"], "extensions": len(st["grid"]) - len(design["arms"][arm]["lrs"]),
+            "provisional": st.get("provisional", False),
             "points": [{"lr": lr, "val_acc": r["val"]["correct"] / r["val"]["n"], "val_loss": r["val"]["loss"],
                         "in_domain_acc": r["in_domain"]["correct"] / r["in_domain"]["n"]}
                        for lr, r in st["runs"].items()],
@@ -233,7 +234,7 @@ def markdown(data: dict) -> str:
     s, ev = data["settings"], data["settings"]["eval"]
     lab = lambda a: LABELS.get(a, a)  # noqa: E731
     n_runs = len(data["runs"])
-    status = "Complete." if data["complete"] else f"UNFINISHED STUDY: {n_runs} runs so far; numbers may still move."
+    status = "Complete." if data["complete"] else f"UNFINISHED STUDY: {n_runs} run(s) so far; numbers may still move."
     ood_sets = list(ev["ood"])
     lines = [
         f"# Generalization study: {s['model']}, {s['task']} {s['task_kwargs']}",
@@ -256,7 +257,12 @@ def markdown(data: dict) -> str:
                          f"{100 * p['in_domain_acc']:.1f} | {mark} |")  # fmt: skip
     lines.append("")
     for arm, b in data["bracket"].items():
-        where = "strictly inside its grid" if b["bracketed"] else "AT AN EDGE of its grid (not bracketed)"
+        if b.get("provisional"):
+            where = f"best so far: its initial grid {s['arms'][arm]['initial_lrs']} has not finished (provisional)"
+        elif b["bracketed"]:
+            where = "strictly inside its grid"
+        else:
+            where = "AT AN EDGE of its grid (not bracketed)"
         lines.append(f"- {lab(arm)}: best lr {b['best']:g}, {where}; {b['extensions']} extension(s).")
     lines += ["", "## Budget: in-domain curve at each arm's best lr (val split, mean over seeds)", ""]
     steps = sorted({p["step"] for ch in data["chosen"].values() for p in ch["curve"]})
@@ -324,12 +330,17 @@ def markdown(data: dict) -> str:
                 lines += ["", f"### {_what(m)}, {title}", ""] + [f"- {c['sentence']}" for c in group]
     lines += ["", "## What the statistics support", ""]
     lines += [f"- {f}" for f in data["findings"]] or ["- No difference between arms or against the base was detected."]
-    none = [m for m, g in data["comparisons"].items() if all(c["verdict"] != "significant" for c in g)]
+    none = [m for m, g in data["comparisons"].items() if g and all(c["verdict"] != "significant" for c in g)]
     if none:
         lines.append(f"- No difference between any two arms detected on: {', '.join(_what(m) for m in none)}.")
     lines += ["", "## Learning rates to use (this model, task and budget: the bracket's best)", ""]
     for arm, b in data["bracket"].items():
-        lines.append(f"- {lab(arm)}: {b['best']:g}" + ("" if b["bracketed"] else " (at the grid's edge)"))
+        note = (
+            " (provisional: grid unfinished)"
+            if b.get("provisional")
+            else ("" if b["bracketed"] else " (at the grid's edge)")
+        )
+        lines.append(f"- {lab(arm)}: {b['best']:g}{note}")
     return "\n".join(lines) + "\n"
 
 

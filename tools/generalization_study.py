@@ -371,8 +371,12 @@ def bracket_state(design: dict, arm: str, results: dict[str, dict]) -> dict:
     runs = {lr: results.get(job(design, arm, lr, seed)[0]) for lr in order}
     missing = [lr for lr in order if runs[lr] is None]
     state = {"arm": arm, "grid": initial, "runs": {}, "next": missing, "best": None, "bracketed": False}
-    state["sequence"] = list(order)
-    if missing:
+    state.update(sequence=list(order), provisional=bool(missing))
+    if missing:  # the finished part of the grid and its best so far, for the report of an unfinished study
+        done = sorted(lr for lr in order if runs[lr] is not None)
+        if done:
+            ranked = sorted(done, key=lambda lr: _rank_key(runs[lr]), reverse=True)
+            state.update(runs={lr: runs[lr] for lr in done}, best=ranked[0], ranking=ranked)
         return state
     grid = list(initial)
     while True:
