@@ -344,12 +344,6 @@ def _write_outputs(job_dir: Path, outputs: dict) -> None:
     tmp.replace(job_dir / "outputs.json.gz")
 
 
-def read_outputs(job_dir: Path) -> dict:
-    """A finished job's per-question outputs."""
-    with gzip.open(job_dir / "outputs.json.gz", "rt") as f:
-        return json.load(f)
-
-
 # ---- planning -----------------------------------------------------------------------------------------------------
 
 
