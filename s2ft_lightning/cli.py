@@ -18,10 +18,15 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+# Before anything below imports transformers' modeling code, which imports torchao when it is installed and
+# prints "Failed to load ... _C_mxfp8" lines for CUDA kernels S²FT never uses (see `quiet_third_party`).
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from s2ft_lightning.cli_parser import ARGV, SUBCOMMANDS, S2FTArgumentParser
-from s2ft_lightning.module import S2FTModule
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from s2ft_lightning.cli_parser import ARGV, SUBCOMMANDS, S2FTArgumentParser  # noqa: E402
+from s2ft_lightning.module import S2FTModule  # noqa: E402
 
 ADAPTER_HELP = """
 adapter tools:
