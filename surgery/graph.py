@@ -86,6 +86,29 @@ def _set_attn(cfg: Any, impl: Any) -> None:
 
 
 @contextlib.contextmanager
+def _no_leftover_hooks(model: nn.Module) -> Iterator[None]:
+    """Remove every hook registered on the model's modules while inside, whatever happens.
+
+    torch-pruning registers a forward hook per prunable module and removes them only when its traced forward
+    returns; a forward that raises (PhiMoE's router subclasses nn.Linear and returns a tuple) left them all
+    on the model, and every later call of the model failed.
+    """
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    extras = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+    before = {m: {k: set(getattr(m, k, {})) for k in kinds} for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m in model.modules():
+            for k in kinds:
+                hooks = getattr(m, k, {})
+                for hid in [h for h in hooks if h not in before.get(m, {}).get(k, set())]:
+                    del hooks[hid]
+                    for extra in extras:
+                        getattr(m, extra, {}).pop(hid, None)
+
+
+@contextlib.contextmanager
 def traced_state(model: nn.Module) -> Iterator[None]:
     """Eager attention, grad-enabled params; restores attention impl, train/eval modes and requires_grad."""
     modes = {m: m.training for m in model.modules()}
@@ -157,7 +180,8 @@ def _patched(budget: _Budget, fix_concat: bool = True) -> Iterator[None]:
 
 def _example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     cfg = getattr(model, "config", None)
-    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg  # composite models: the text side
+    vocab = int(getattr(cfg, "vocab_size", 0) or getattr(text, "vocab_size", 0) or 0)
     if vocab <= 0:
         raise GraphError("cannot make example inputs: the model has no config.vocab_size; pass example_inputs")
     sizes = {int(v) for v in vars(cfg).values() if isinstance(v, int) and not isinstance(v, bool)}
@@ -210,7 +234,7 @@ def build_graph(
     inputs = _example_inputs(model) if example_inputs is None else example_inputs
     pruners = {Conv1D: _conv1d_pruner()} if Conv1D is not None else None
     budget = _Budget(time_budget_s, "graph build")
-    with traced_state(model), _patched(budget):
+    with traced_state(model), _patched(budget), _no_leftover_hooks(model):
         try:
             dg = tp.DependencyGraph().build_dependency(
                 model,
@@ -316,6 +340,16 @@ def cross_check(
     for c in couplings:
         if c.kind == "experts" or c.parent is not None:
             res.unconfirmed.append(f"{c.name}: MoE experts are not representable in the graph")
+            continue
+        if c.kind == "heads" and any(m.unit != c.head_dim for m in c.members if m.module is not None):
+            res.unconfirmed.append(
+                f"{c.name}: per-head widths differ (multi-head latent attention); the probe proves it"
+            )
+            continue
+        if c.by_role("q_gate"):  # torch-pruning maps a chunk of a per-head view as if it were flat
+            res.unconfirmed.append(
+                f"{c.name}: per-head [query | gate] rows are beyond the graph; the probe proves them"
+            )
             continue
         root = _root_member(c)
         if root is None:

@@ -70,3 +70,12 @@ def test_unknown_strategy_is_refused_by_the_parser_with_the_choices(capsys):
 def test_missing_model_path_exits_2(tmp_path, capsys):
     assert inspect_structure.main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_tiny_vision_language_model_is_shrunk_and_names_its_frozen_tower(capsys):
+    """--tiny shrinks nested text and vision configs (it used to build them full size and be OOM-killed)."""
+    assert inspect_structure.main(["llava", "--tiny", "--o-ratio", "0.25", "--verify", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verified"] is True and out["total_params"] < 100_000
+    (tower,) = out["frozen"]
+    assert tower["name"] == "model.vision_tower" and "feed token ids" in tower["reason"]

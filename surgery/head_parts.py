@@ -1,0 +1,132 @@
+"""Per-head parts of an attention block beyond q/k/v/o: norms, sinks, output gates, gated queries, and the
+per-head tensors that keep a block frozen. A mixin of the analysis' module walker (`surgery.analyze`).
+
+Each kind is declared from the transformers source of the families that have it; every one is proved by the
+probe (a member that does not really move with its head fails it).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .heads import HeadInfo
+from .linear import linear_shape
+from .structures import Frozen, Member
+
+# Attention classes whose q_proj emits per head [query (head_dim) | output gate (head_dim)], the gate applied as
+# sigmoid(gate) * attention output before o_proj (read from their transformers 5 source).
+GATED_QUERY = ("Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention", "Qwen4ExpTextAttention")
+# Norms over the attention output (heads x head_dim), applied before o_proj (BitNet's attn_sub_norm).
+OUTPUT_NORMS = ("sub_norm", "o_norm", "out_norm")
+HEADS_NORM_NOTE = (
+    "{name}: {norms} weights are per head_dim and shared by all heads; they are not permuted "
+    "(whole-head moves leave them valid)"
+)
+
+
+class HeadParts:
+    """Methods of the module walker (`surgery.analyze._Finder`) for the per-head parts of attention blocks."""
+
+    def gated_query(self, path: str, layer: int, linears: list) -> bool:
+        """A q_proj emitting 2 x heads x head_dim: True for a declared per-head [query | gate] layout, else the
+        layer's heads are recorded as frozen (with the reason) rather than guessed."""
+        attention = type(self.modules[path]).__name__
+        if attention in GATED_QUERY:
+            return True
+        self.claimed.update(lin.path for lin in linears)
+        self.frozen.append(
+            Frozen(
+                name=path,
+                layer=layer,
+                roles=("o", "v"),
+                reason=(
+                    f"{attention}'s q_proj emits 2 x heads x head_dim (a gated query) in a layout not declared "
+                    f"for it (declared: per-head [query | gate] in {', '.join(GATED_QUERY)}); its heads stay frozen "
+                    "rather than be guessed"
+                ),
+            )
+        )
+        return False
+
+    def output_gates(self, path: str, info: HeadInfo) -> list:
+        """Linears named like a gate that map hidden -> heads x head_dim: an output gate (AFMoE's gate_proj,
+        ``sigmoid(gate_proj(x)) * attention output`` before o_proj), whose rows move with their heads."""
+        out = []
+        for name in dict(self.modules[path].named_children()):
+            lin = self.linear(path, name)
+            if lin is None or "gate" not in name or lin.path in self.claimed:
+                continue
+            if lin.out_features == info.q_width and lin.in_features == info.hidden_size:
+                out.append(lin)
+        return out
+
+    def head_vectors(self, path: str, info: HeadInfo) -> list[Member]:
+        """Per-head scalars of the attention module (gpt-oss attention sinks [heads]) move with their heads."""
+        out = []
+        for name, p in self.modules[path].named_parameters(recurse=False):
+            if "sink" in name and tuple(p.shape) == (info.num_heads,):
+                out.append(Member(self.param_name[id(p)], 0, info.num_heads, role="sinks"))
+        return out
+
+    def unknown_per_head_param(self, name: str, path: str, info: HeadInfo, members: list[Member]) -> str | None:
+        """Why an attention block must stay frozen: another per-head tensor (a bias table, a new kind of sink)
+        that this analysis does not know how to move with the heads; None when there is none."""
+        known = {m.param for m in members}
+        per_head = {info.num_heads, info.num_kv_heads, info.q_width, info.kv_width} - {1, info.hidden_size}
+        for base in {name, path}:
+            for p in self.modules[base].parameters():
+                full = self.param_name[id(p)]
+                if full in known or (p.dim() == 1 and p.numel() == info.head_dim):
+                    continue
+                if any(s in per_head for s in p.shape):
+                    return (
+                        f"attention heads stay frozen: parameter {full} {tuple(p.shape)} has a per-head dimension "
+                        "this analysis does not know how to move with the heads"
+                    )
+        return None
+
+    def vector_members(self, path: str, count: int, unit: int, role: str) -> list[Member]:
+        """The 1-D weight (and bias) of a norm over a coupled axis, as members moving with it."""
+        out = []
+        for attr in ("weight", "bias"):
+            name = self.pname(path, attr)
+            if name is not None:
+                out.append(Member(name, 0, count, unit, role=role if attr == "weight" else f"{role}_bias"))
+        return out
+
+    def head_norms(self, path: str, info: HeadInfo) -> list[Member]:
+        """Per-head q/k norms: full-width ones move with their heads; head_dim-wide ones are shared."""
+        members, shared = [], []
+        for child_name, child in self.modules[path].named_children():
+            w = getattr(child, "weight", None)
+            if linear_shape(child) is not None or not isinstance(w, nn.Parameter):
+                continue
+            cpath = f"{path}.{child_name}" if path else child_name
+            if w.dim() == 2 and w.shape[1] == info.head_dim:  # per-head affine rows [heads, head_dim]
+                level = "group" if info.gqa and w.shape[0] == info.num_kv_heads else "unit"
+                role = "q_norm" if w.shape[0] == info.num_heads and "q" in child_name else "k_norm"
+                members.append(Member(self.pname(cpath, "weight"), 0, w.shape[0], level=level, role=role))
+                continue
+            if w.dim() != 1:
+                continue
+            if w.numel() == info.head_dim:
+                shared.append(child_name)
+            elif w.numel() == info.q_width and "q" in child_name:
+                members.append(Member(self.pname(cpath, "weight"), 0, info.num_heads, info.head_dim, role="q_norm"))
+            elif w.numel() == info.q_width and any(s in child_name for s in OUTPUT_NORMS):
+                members += self.vector_members(cpath, info.num_heads, info.head_dim, "o_norm")  # BitNet attn_sub_norm
+            elif w.numel() == info.kv_width and "k" in child_name:
+                level = "group" if info.gqa else "unit"
+                members.append(
+                    Member(
+                        self.pname(cpath, "weight"),
+                        0,
+                        info.num_kv_heads,
+                        info.head_dim,
+                        level=level,
+                        role="k_norm",
+                    )
+                )
+        if shared:
+            self.notes.append(HEADS_NORM_NOTE.format(name=path, norms="/".join(shared)))
+        return members

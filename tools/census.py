@@ -1,0 +1,328 @@
+"""Census: run S²FT end to end on every model type of the installed transformers that builds as a tiny model.
+
+    python tools/census.py [--only TYPE ...] [--limit N] [--redo] [--timeout S] [--memory-gb G] [--report]
+
+For each model type: build a tiny random model (`benchmarks.tiny_models`, every sub-config shrunk) with every
+parameter and persistent buffer perturbed, analyse it (with the probe), plan and prepare it (permutation
+verified), train a few steps, extract the adapter, merge it into a fresh stock copy and compare logits with the
+trained model. Each type runs in a forked child with a time limit and an address-space limit, and its result
+is written to ``--work`` at once, so a crash in one family is recorded, not fatal, and an interrupted census
+resumes where it stopped. ``--report`` (also run at the end) writes docs/CENSUS.md and docs/census.json.
+
+Outcomes: ``verified`` (everything trains and round-trips), ``partial`` (it does, and some part stays frozen,
+named with the reason), ``refused`` (the analysis or the pipeline refuses with the reason), ``crash`` (anything
+else: an unexpected exception, a wrong round trip, a timeout or the memory guard after the build), and
+``not built`` (the tiny builder could not make the model: no text/vision-language class, or an invalid config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # benchmarks/ (tiny models) is repository code, not installed
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("S2FT_KERNELS", "torch")
+
+WORK = REPO / "benchmarks" / "results" / "census"
+DOCS = REPO / "docs"
+RATIO = {"o_ratio": 0.5, "v_ratio": 0.5, "u_ratio": 0.25, "d_ratio": 0.25}
+ROLES = {"o_ratio": "o", "v_ratio": "v", "u_ratio": "up", "d_ratio": "down"}
+STEPS = 3
+ROUND_TRIP_TOL = 1e-5  # relative to the logit scale, fp32
+
+
+def model_types() -> list[str]:
+    """Every model type with a model class in the installed transformers (sub-config-only types excluded)."""
+    from transformers.models.auto import modeling_auto as ma
+
+    names: set[str] = set()
+    for attr in dir(ma):
+        if attr.startswith("MODEL_") and attr.endswith("_MAPPING_NAMES") and isinstance(getattr(ma, attr), dict):
+            names.update(getattr(ma, attr))
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return sorted(n for n in names if n in CONFIG_MAPPING_NAMES)
+
+
+def _logits(model, inputs) -> Any:
+    import torch
+
+    from surgery.verify import _logits as logits_of
+
+    with torch.no_grad():
+        out = model(**inputs, **({"use_cache": False} if hasattr(model.config, "use_cache") else {}))
+    return logits_of(out).detach().double()
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+def _build(model_type: str):
+    from benchmarks.tiny_models import perturb, tiny_model
+
+    return perturb(tiny_model(model_type, seed=0), seed=1, scale=0.05)
+
+
+def census_one(model_type: str, progress: Any = None) -> dict[str, Any]:
+    """Run the whole pipeline on one tiny model; never raises (every outcome is a result)."""
+    t0 = time.perf_counter()
+    result = _census(model_type, progress or (lambda stage: None))
+    return {**result, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _census(model_type: str, step: Any) -> dict[str, Any]:
+    import torch
+
+    from s2ft_lightning import layers
+    from s2ft_lightning.adapters import extract_adapter, merge_adapter
+    from s2ft_lightning.pipeline import S2Config, prepare_model
+    from surgery.analyze import StructureError, analyze
+    from surgery.planner import make_plan
+    from surgery.select import role_members
+    from surgery.verify import make_inputs
+
+    res: dict[str, Any] = {"model_type": model_type}
+    step("build")
+    try:
+        model = _build(model_type)
+    except Exception as e:  # the tiny builder: wrong auto class, invalid shrunk config, missing dependency
+        return {**res, "status": "not built", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
+    res["class"] = type(model).__name__
+    res["params"] = sum(p.numel() for p in model.parameters())
+    step("analyse")
+    try:
+        try:
+            structures = analyze(model)
+        except StructureError as e:
+            return {**res, "status": "refused", "stage": "analysis", "reason": str(e)[:600]}
+        res["couplings"] = len(structures.couplings)
+        res["frozen"] = [f.to_dict() for f in structures.frozen]
+        ratios = {k: v for k, v in RATIO.items() if any(role_members(c, ROLES[k]) for c in structures.couplings)}
+        res["ratios"] = ratios
+        if not ratios:
+            reasons = sorted({r for role in ROLES.values() for r in structures.frozen_reasons(role)})
+            return {**res, "status": "refused", "stage": "selection", "reason": "; ".join(reasons)[:600]}
+        cfg = S2Config(**{**dict.fromkeys(RATIO, 0.0), **ratios}, seed=3)
+        inputs = make_inputs(model, 2, 12, seed=5)
+        base_logits = _logits(model.eval(), inputs)
+        step("plan")
+        plan = make_plan(model, structures, cfg)
+        step("prepare")
+        plan = prepare_model(model, cfg, plan=plan)
+        res["trainable"] = sum(p.numel() for p in layers.block_parameters(model))
+        res["verify_rel"] = plan.certificate["rel_diff"] if plan.certificate else None
+        step("train")
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        g = torch.Generator().manual_seed(7)
+        losses = []
+        for _ in range(STEPS):
+            batch = make_inputs(model, 2, 12, seed=int(torch.randint(0, 1 << 30, (1,), generator=g)))
+            out = model(**batch, **({"use_cache": False} if hasattr(model.config, "use_cache") else {}))
+            from surgery.verify import _logits as logits_of
+
+            logits = logits_of(out).float()
+            targets = torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=g)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+        res["losses"] = losses
+        moved = sum(int(p.detach().abs().max() > 0) for p in layers.block_parameters(model))
+        if not all(map(lambda x: x == x and abs(x) != float("inf"), losses)) or moved == 0:
+            return {**res, "status": "crash", "stage": "train", "reason": f"losses {losses}, {moved} deltas moved"}
+        model.eval()
+        trained = _logits(model, inputs)
+        res["trained_vs_base"] = _rel(base_logits, trained)
+        step("round trip")
+        adapter = extract_adapter(model, plan)
+        fresh = _build(model_type).eval()
+        stock = _logits(fresh, inputs)
+        if _rel(base_logits, stock) > 0:
+            return {**res, "status": "crash", "stage": "round trip", "reason": "the tiny builder is not deterministic"}
+        merge_adapter(fresh, adapter)
+        res["round_trip_rel"] = _rel(trained, _logits(fresh, inputs))
+        if not res["round_trip_rel"] <= ROUND_TRIP_TOL:
+            return {**res, "status": "crash", "stage": "round trip", "reason": f"rel {res['round_trip_rel']:.2e}"}
+    except Exception as e:  # a refusal by the pipeline names its reason; anything else is a crash
+        from s2ft_lightning.layers import S2InstallError
+        from surgery.config import SelectionError
+        from surgery.plan import PlanError
+
+        refused = isinstance(e, (S2InstallError, SelectionError, PlanError))
+        return {
+            **res,
+            "status": "refused" if refused else "crash",
+            "stage": "pipeline",
+            "reason": f"{type(e).__name__}: {str(e)[:500]}",
+            **({} if refused else {"traceback": traceback.format_exc()[-2500:]}),
+        }
+    return {**res, "status": "partial" if res["frozen"] else "verified"}
+
+
+def _child(model_type: str, out: Path, memory_gb: float) -> None:
+    limit = int(memory_gb * (1 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    stage = out.with_suffix(".stage")
+    result = census_one(model_type, progress=lambda s: stage.write_text(s))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, out)
+    stage.unlink(missing_ok=True)
+
+
+def run_one(model_type: str, work: Path, timeout: float, memory_gb: float) -> dict[str, Any]:
+    """Fork a child for ``model_type``; record a timeout, a signal or a failed child as the result."""
+    out = work / f"{model_type}.json"
+    stage = out.with_suffix(".stage")
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the parent's loop
+        code = 0
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+            _child(model_type, out, memory_gb)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    status = None
+    while time.monotonic() - t0 < timeout:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        status = None
+    if out.is_file() and status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return json.loads(out.read_text())
+    where = stage.read_text() if stage.is_file() else "start"
+    stage.unlink(missing_ok=True)
+    if status is None:
+        why = f"timeout after {timeout:.0f}s"
+    elif os.WIFSIGNALED(status):
+        why = f"killed by signal {os.WTERMSIG(status)} (memory guard {memory_gb:g} GB or OOM)"
+    else:
+        why = f"child exited with {os.WEXITSTATUS(status)} (memory guard {memory_gb:g} GB hit?)"
+    status_name = "not built" if where == "build" else "crash"
+    result = {"model_type": model_type, "status": status_name, "stage": where, "reason": why}
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- report
+_ORDER = ("verified", "partial", "refused", "crash", "not built")
+
+
+def _frozen_summary(r: dict) -> str:
+    parts = {}
+    for f in r.get("frozen", []):
+        what = f["reason"].split(";")[0].split(":")[0]
+        parts.setdefault(what, []).append(f["name"])
+    return "; ".join(f"{w} ({len(ns)}x, e.g. {ns[0]})" for w, ns in parts.items())
+
+
+def report(work: Path, docs: Path) -> dict[str, Any]:
+    """Gather the per-type results into docs/census.json and docs/CENSUS.md."""
+    import transformers
+
+    results = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))]
+    counts = {s: sum(r["status"] == s for r in results) for s in _ORDER}
+    summary = {
+        "transformers": transformers.__version__,
+        "model_types": len(results),
+        "counts": counts,
+        "results": [{k: v for k, v in r.items() if k != "traceback"} for r in results],
+    }
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "census.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    lines = [
+        "# Census: S²FT on every model type of transformers " + transformers.__version__,
+        "",
+        "Generated by `python tools/census.py` (do not edit): per model type a tiny random model with every "
+        "parameter and persistent buffer perturbed is analysed and probed, planned (o/v 0.5, up/down 0.25 where "
+        "the structure exists), prepared with verification, trained 3 AdamW steps, and its adapter merged into a "
+        f"fresh stock copy must give the trained model's logits (fp32, ≤ {ROUND_TRIP_TOL:g} of the logit scale).",
+        "",
+        "| outcome | model types |",
+        "|---|---:|",
+        *(f"| {s} | {counts[s]} |" for s in _ORDER),
+        "",
+    ]
+    for s in _ORDER:
+        rows = [r for r in results if r["status"] == s]
+        if not rows:
+            continue
+        lines += [f"## {s} ({len(rows)})", ""]
+        if s in ("verified", "partial"):
+            lines += ["| model type | class | trains | round trip | frozen |", "|---|---|---|---:|---|"]
+            for r in rows:
+                trains = ", ".join(ROLES[k] for k in r.get("ratios", {}))
+                lines.append(
+                    f"| {r['model_type']} | {r.get('class', '')} | {trains} | {r.get('round_trip_rel', 0):.1e} | "
+                    f"{_frozen_summary(r) or '-'} |"
+                )
+        else:
+            lines += ["| model type | class | stage | reason |", "|---|---|---|---|"]
+            for r in rows:
+                reason = str(r.get("reason", "")).replace("|", "\\|").replace("\n", " ")[:400]
+                lines.append(f"| {r['model_type']} | {r.get('class', '')} | {r.get('stage', '')} | {reason} |")
+        lines.append("")
+    (docs / "CENSUS.md").write_text("\n".join(lines))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="*", help="these model types (default: every one)")
+    p.add_argument("--limit", type=int, default=0, help="run at most N types not yet done, then report")
+    p.add_argument("--redo", action="store_true", help="run types that already have a result again")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per model type")
+    p.add_argument("--memory-gb", type=float, default=6.0, help="address-space limit of each child")
+    p.add_argument("--work", type=Path, default=WORK, help="per-type results (resumable)")
+    p.add_argument("--docs", type=Path, default=DOCS, help="where CENSUS.md and census.json go")
+    p.add_argument("--report", action="store_true", help="only write the report from the results so far")
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        import torch  # noqa: F401 - imported once here, inherited by every forked child
+
+        import s2ft_lightning.pipeline  # noqa: F401
+        import surgery.analyze  # noqa: F401
+
+        todo = args.only or model_types()
+        if not args.redo:
+            todo = [t for t in todo if not (args.work / f"{t}.json").is_file()]
+        if args.limit:
+            todo = todo[: args.limit]
+        for i, t in enumerate(todo):
+            r = run_one(t, args.work, args.timeout, args.memory_gb)
+            print(f"[{i + 1}/{len(todo)}] {t}: {r['status']} {r.get('reason', '')[:120]}", flush=True)
+    summary = report(args.work, args.docs)
+    print(json.dumps(summary["counts"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
