@@ -94,6 +94,8 @@ def _frozen_reason(experts: nn.Module, layout: dict) -> str | None:
         return f"{name} interleaves gate and up per channel"
     if layout.get("gate_up") is None and layout.get("gate") is None:
         return f"{name} has no gate (up -> act -> down experts)"
+    if not callable(getattr(experts, "act_fn", None)):
+        return f"{name} has no act_fn (not act(gate) * up experts)"
     if getattr(experts, "has_post_expert_norm", False):
         return f"{name} normalises each expert's output"
     if getattr(experts, "has_bias", False) and layout.get("gate_up") is None:
