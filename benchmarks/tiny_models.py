@@ -266,27 +266,34 @@ def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **kw)
 
 
+def _auto_classes(model_type: str, config: PretrainedConfig) -> tuple:
+    if getattr(config, "is_decoder", False) is False and model_type in ("bert", "roberta", "distilbert"):
+        return (AutoModelForMaskedLM, AutoModel)
+    classes = (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForImageTextToText, AutoModel)
+    if getattr(config, "is_encoder_decoder", False):
+        return (AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq, *classes)
+    return classes
+
+
+def tiny_model_class(model_type: str, config: PretrainedConfig | None = None) -> type:
+    """The class `tiny_model` builds for ``model_type`` (its LM head class, or its base model), not instantiated."""
+    config = tiny_config(model_type) if config is None else config
+    errors = []
+    for auto in _auto_classes(model_type, config):
+        try:
+            return auto._model_mapping[type(config)]
+        except KeyError:
+            errors.append(auto.__name__)
+    raise ValueError(f"cannot build a tiny {model_type!r} model: no {' / '.join(errors)} class for its config")
+
+
 def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A random-init fp32 model in eval mode: the model type's LM head class (causal, seq2seq, image-text-to-text,
     masked), or its base model when it has no LM head."""
     config = tiny_config(model_type, **overrides)
+    cls = tiny_model_class(model_type, config)
     torch.manual_seed(seed)
-    model = None
-    auto_classes = (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForImageTextToText, AutoModel)
-    if getattr(config, "is_decoder", False) is False and model_type in ("bert", "roberta", "distilbert"):
-        auto_classes = (AutoModelForMaskedLM, AutoModel)
-    elif getattr(config, "is_encoder_decoder", False):
-        auto_classes = (AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq, *auto_classes)
-    errors = []
-    for auto in auto_classes:
-        try:
-            model = auto.from_config(config, dtype=torch.float32)
-            break
-        except ValueError as e:  # this auto class does not know the model type
-            errors.append(f"{auto.__name__}: {e}")
-    if model is None:
-        raise ValueError(f"cannot build a tiny {model_type!r} model: " + "; ".join(errors))
-    return model.float().eval()
+    return cls._from_config(config, dtype=torch.float32).float().eval()
 
 
 def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:

@@ -159,17 +159,25 @@ def layer_coverage(finder: _Finder) -> None:
                 finder.notes.append(f"layer {i} ({base}): no {' and no '.join(missing)} found; nothing there to train")
 
 
+def main_input_refusal(cls: type) -> str | None:
+    """Why a model class whose main input is not token ids cannot be analysed (decided from the class alone)."""
+    main = getattr(cls, "main_input_name", "input_ids")
+    if main == "input_ids":
+        return None
+    kind = {"pixel_values": "an image model", "input_features": "a speech model"}.get(main, "not a text model")
+    return (
+        f"{cls.__name__}'s main input is {main} ({kind}): S²FT's structure probe and verification drive the model "
+        "with token ids, so it cannot prove a permutation of this model; image and speech encoders are not "
+        "supported yet"
+    )
+
+
 def check_token_model(model: nn.Module, make_inputs: Any) -> str | None:
     """Why ``model`` cannot be driven by token ids alone (the probe and verification need that), or None."""
     name = type(model).__name__
-    main = getattr(model, "main_input_name", "input_ids")
-    if main != "input_ids":
-        kind = {"pixel_values": "an image model", "input_features": "a speech model"}.get(main, "not a text model")
-        return (
-            f"{name}'s main input is {main} ({kind}): S²FT's structure probe and verification drive the model "
-            "with token ids, so it cannot prove a permutation of this model; image and speech encoders are not "
-            "supported yet"
-        )
+    why = main_input_refusal(type(model))
+    if why is not None:
+        return why
     try:
         emb = model.get_input_embeddings()
     except (NotImplementedError, AttributeError) as e:

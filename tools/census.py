@@ -88,10 +88,12 @@ def census_one(model_type: str, progress: Any = None) -> dict[str, Any]:
 def _census(model_type: str, step: Any) -> dict[str, Any]:
     import torch
 
+    from benchmarks.tiny_models import tiny_model_class
     from s2ft_lightning import layers
     from s2ft_lightning.adapters import extract_adapter, merge_adapter
     from s2ft_lightning.pipeline import S2Config, prepare_model
     from surgery.analyze import StructureError, analyze
+    from surgery.coverage import main_input_refusal
     from surgery.planner import make_plan
     from surgery.select import role_members
     from surgery.verify import make_inputs
@@ -99,8 +101,15 @@ def _census(model_type: str, step: Any) -> dict[str, Any]:
     res: dict[str, Any] = {"model_type": model_type}
     step("build")
     try:
+        cls = tiny_model_class(model_type)
+    except Exception as e:  # the tiny builder: no model class for the type, or an invalid shrunk config
+        return {**res, "status": "not built", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
+    why = main_input_refusal(cls)  # decided from the class, as the analysis would: no need to build it
+    if why is not None:
+        return {**res, "class": cls.__name__, "status": "refused", "stage": "analysis", "reason": why}
+    try:
         model = _build(model_type)
-    except Exception as e:  # the tiny builder: wrong auto class, invalid shrunk config, missing dependency
+    except Exception as e:  # the tiny builder: invalid shrunk config, missing dependency
         return {**res, "status": "not built", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
     res["class"] = type(model).__name__
     res["params"] = sum(p.numel() for p in model.parameters())
