@@ -244,7 +244,11 @@ class _Finder(HeadParts):
             members = [m if m.role not in ("k", "v", "k_bias", "v_bias") else _replace(m, level=level) for m in members]
             linears = [q, k, v, o]
         else:
-            members += self.fused_qkv(fused, info, path, layer)
+            fused_members = self.fused_qkv(fused, info, path, layer)
+            if fused_members is None:  # a layout that cannot be proved: its heads stay frozen, never guessed
+                self.claimed.update((fused.path, o.path))
+                return
+            members += fused_members
             linears = [fused, o]
         if o.in_features != info.q_width:
             raise self.fail(
@@ -291,7 +295,8 @@ class _Finder(HeadParts):
             )
         )
 
-    def fused_qkv(self, lin: _Linear, info: HeadInfo, path: str, layer: int) -> list[Member]:
+    def fused_qkv(self, lin: _Linear, info: HeadInfo, path: str, layer: int) -> list[Member] | None:
+        """Members of a fused qkv projection whose layout is known; None (heads frozen, reason recorded) else."""
         d, nh, nkv = info.head_dim, info.num_heads, info.num_kv_heads
         width = info.q_width + 2 * info.kv_width
         if lin.out_features != width:
@@ -304,7 +309,9 @@ class _Finder(HeadParts):
         level = "group" if info.gqa else "unit"
         if "NeoX" in type(self.modules[path]).__name__ and lin.path.endswith("query_key_value"):
             if info.gqa:
-                raise self.fail(layer, path, "interleaved fused qkv with grouped-query attention is not supported")
+                why = "interleaved fused qkv with grouped-query attention is not supported; its heads stay frozen"
+                self.frozen.append(Frozen(name=path, layer=layer, roles=("o", "v"), reason=why))
+                return None
             out = []
             for i, role in enumerate(("q", "k", "v")):  # per-head interleaved [heads, 3, head_dim]
                 out += [
@@ -314,13 +321,13 @@ class _Finder(HeadParts):
             return out
         attention = type(self.modules[path]).__name__
         if lin.path.endswith("query_key_value") or not attention.startswith(_PLAIN_FUSED_QKV):
-            raise self.fail(
-                layer,
-                path,
-                f"fused {lin.path} of {attention} has a qkv layout this analysis cannot prove is [q | k | v] "
-                f"(known: {', '.join(_PLAIN_FUSED_QKV)} and GPT-NeoX's per-head interleaving); e.g. CodeGen "
-                "interleaves groups. Not supported",
+            why = (
+                f"fused {lin.path.rsplit('.', 1)[-1]} of {attention} has a qkv layout this analysis cannot prove is "
+                f"[q | k | v] (known: {', '.join(_PLAIN_FUSED_QKV)} and GPT-NeoX's per-head interleaving; e.g. "
+                "CodeGen interleaves groups); its heads stay frozen"
             )
+            self.frozen.append(Frozen(name=path, layer=layer, roles=("o", "v"), reason=why))
+            return None
         return (
             self.weight_and_bias(lin, "out", "q", nh, d, 0, "unit")
             + self.weight_and_bias(lin, "out", "k", nkv, d, info.q_width, level)

@@ -106,8 +106,8 @@ def _frozen_reason(experts: nn.Module, layout: dict) -> str | None:
     return None
 
 
-def _router(finder: _Finder, path: str, experts_path: str, hidden: int, rows: int | None) -> tuple[str, int]:
-    """The one router weight ``[E, H]`` in the MoE block ``path`` outside its experts: (parameter name, E).
+def _router(finder: _Finder, path: str, experts_path: str, hidden: int, rows: int | None) -> list[tuple[str, int]]:
+    """Candidate router weights ``[E, H]`` in the MoE block ``path`` outside its experts: (parameter name, E).
 
     With ``rows`` (stacked layouts, where E is not a tensor dimension) E is any count dividing ``rows``.
     """
