@@ -112,6 +112,9 @@ _SHRINK_MORE: dict[str, int] = {
     "top_k": 2,
     "first_k_dense_replace": 1,
     "kv_lora_rank": 16,
+    "index_head_dim": 8,
+    "index_n_heads": 2,
+    "shared_experts_intermediate_size": INTERMEDIATE,
     "q_lora_rank": 24,
     "qk_nope_head_dim": 8,
     "qk_rope_head_dim": 4,
@@ -179,6 +182,10 @@ def _shrunk(d: dict[str, Any], overrides: dict[str, Any], core: bool, mrope: boo
         new = [max(1, x * half // sum(sec)) for x in sec]
         new[-1] += half - sum(new)
         kw["rope_parameters"] = {**rope, "mrope_section": new}
+    layers = d.get("per_layer_config")
+    if not core and isinstance(layers, dict) and layers:  # heterogeneous layers: layer 1 keeps the first override
+        first = next(iter(layers.values()))
+        kw["per_layer_config"] = {"1": {k: v for k, v in _shrunk(first, {}, core=False).items() if k in first}}
     if not core:
         for key, v in d.items():  # per-layer lists (layer_types, ...) follow the new layer count
             if isinstance(v, list) and len(v) > LAYERS and key.endswith(("layer_types", "_layers_block_type")):
@@ -263,7 +270,15 @@ def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
         if isinstance(sub, dict):
             for k in [k for k, v in sub.items() if v is None and k.endswith(("layer_types", "_layers_block_type"))]:
                 del sub[k]
-    return AutoConfig.for_model(model_type, **kw)
+    try:
+        return AutoConfig.for_model(model_type, **kw)
+    except Exception:
+        if "qk_rope_head_dim" not in d or "head_dim" in overrides:
+            raise
+        # MLA families disagree on head_dim: DeepSeek-V3 uses it for the rotary part, others (dots3) for the
+        # whole query head (nope + rope); their configs validate it.
+        kw["head_dim"] = _SHRINK_MORE["qk_nope_head_dim"] + _SHRINK_MORE["qk_rope_head_dim"]
+        return AutoConfig.for_model(model_type, **kw)
 
 
 def _auto_classes(model_type: str, config: PretrainedConfig) -> tuple:

@@ -111,13 +111,18 @@ class _Finder(HeadParts):
 
     # ---- helpers -------------------------------------------------------------------------------
     def config_for(self, path: str) -> object | None:
-        """The config of the nearest module on ``path`` that has one (sub-models carry their own)."""
+        """The config of the nearest module on ``path`` that has one (sub-models carry their own); for a
+        heterogeneous config (per-layer head counts, e.g. EmbeddingGemma-2) the entry of ``path``'s layer."""
         parts = path.split(".") if path else []
+        cfg = self.config
         for i in range(len(parts), -1, -1):
-            cfg = getattr(self.modules.get(".".join(parts[:i])), "config", None)
-            if cfg is not None and not callable(cfg):
-                return cfg
-        return self.config
+            found = getattr(self.modules.get(".".join(parts[:i])), "config", None)
+            if found is not None and not callable(found):
+                cfg = found
+                break
+        if getattr(cfg, "is_heterogeneous", False) is True:
+            return cfg.per_layer_config[_layer_index(path)]
+        return cfg
 
     def heads(self, where: str) -> HeadInfo:
         cfg = self.config_for(where)
@@ -260,8 +265,8 @@ class _Finder(HeadParts):
         members += self.weight_and_bias(o, "in", "o", nh, d)
         members += self.head_norms(path, info)
         members += self.head_vectors(path, info)
-        for gate in self.output_gates(path, info):
-            members += self.weight_and_bias(gate, "out", "o_gate", nh, d)
+        for gate, gate_members in self.output_gates(path, nh, d, info.hidden_size):
+            members += gate_members
             linears.append(gate)
         name = _common_prefix([lin.path for lin in linears])
         self.claimed.update(lin.path for lin in linears)
@@ -478,9 +483,9 @@ def analyze(
     layer_coverage(finder)
     _refuse_empty(finder)
     if probe:  # the probe drives the model with token ids: name the reason when it cannot
-        from surgery.verify import make_inputs
+        from surgery.verify import _logits, make_inputs
 
-        why = check_token_model(model, make_inputs)
+        why = check_token_model(model, make_inputs, _logits)
         if why is not None:
             raise StructureError(why)
     couplings = sorted(finder.couplings, key=lambda c: (c.layer, _ORDER[c.kind]))

@@ -172,8 +172,9 @@ def main_input_refusal(cls: type) -> str | None:
     )
 
 
-def check_token_model(model: nn.Module, make_inputs: Any) -> str | None:
-    """Why ``model`` cannot be driven by token ids alone (the probe and verification need that), or None."""
+def check_token_model(model: nn.Module, make_inputs: Any, logits_of: Any) -> str | None:
+    """Why ``model`` cannot be driven by token ids alone (the probe and verification need that, and outputs
+    they can compare: logits or hidden states), or None."""
     name = type(model).__name__
     why = main_input_refusal(type(model))
     if why is not None:
@@ -195,7 +196,7 @@ def check_token_model(model: nn.Module, make_inputs: Any) -> str | None:
         model.eval()
         with torch.no_grad():
             inputs = make_inputs(model, 1, 8, 0)
-            model(**inputs, **({"use_cache": False} if hasattr(model.config, "use_cache") else {}))
+            out = model(**inputs, **({"use_cache": False} if hasattr(model.config, "use_cache") else {}))
     except Exception as e:  # any failure here is the model refusing token-only inputs
         return (
             f"{name} does not run on token ids alone ({type(e).__name__}: {str(e)[:200]}); S²FT's probe and "
@@ -204,4 +205,8 @@ def check_token_model(model: nn.Module, make_inputs: Any) -> str | None:
     finally:
         for m, flag in modes.items():
             m.training = flag
+    try:
+        logits_of(out)
+    except TypeError as e:
+        return f"{name} returns no logits or hidden states to compare ({e}); the probe and verification compare them"
     return None

@@ -48,16 +48,18 @@ class HeadParts:
         )
         return False
 
-    def output_gates(self, path: str, info: HeadInfo) -> list:
-        """Linears named like a gate that map hidden -> heads x head_dim: an output gate (AFMoE's gate_proj,
-        ``sigmoid(gate_proj(x)) * attention output`` before o_proj), whose rows move with their heads."""
+    def output_gates(self, path: str, heads: int, head_dim: int, hidden: int) -> list[tuple]:
+        """Output gates of an attention block: linears named like a gate mapping hidden -> heads x head_dim
+        (AFMoE's gate_proj, ``sigmoid(gate) * attention`` before o_proj) or hidden -> heads (dots3's g_proj,
+        one scalar per head); their rows move with their heads. Returns (linear, members) pairs."""
         out = []
         for name in dict(self.modules[path].named_children()):
             lin = self.linear(path, name)
-            if lin is None or "gate" not in name or lin.path in self.claimed:
+            if lin is None or not ("gate" in name or name == "g_proj") or lin.path in self.claimed:
                 continue
-            if lin.out_features == info.q_width and lin.in_features == info.hidden_size:
-                out.append(lin)
+            if lin.in_features == hidden and lin.out_features in (heads * head_dim, heads):
+                unit = head_dim if lin.out_features == heads * head_dim else 1
+                out.append((lin, self.weight_and_bias(lin, "out", "o_gate", heads, unit)))
         return out
 
     def head_vectors(self, path: str, info: HeadInfo) -> list[Member]:

@@ -55,8 +55,12 @@ def find_mla(finder: _Finder, path: str) -> None:
     for role, offset, unit in (("k", 0, nope), ("v", nope, v)):
         members += [replace(m, stride=nope + v) for m in finder.weight_and_bias(kv_b, "out", role, heads, unit, offset)]
     members += finder.weight_and_bias(o, "in", "o", heads, v)
+    gates = finder.output_gates(path, heads, v, getattr(cfg, "hidden_size", 0))
+    for _, gate_members in gates:
+        members += gate_members
     shared = [name for name in _SHARED if f"{path}.{name}" in finder.modules]
-    finder.claimed.update({q.path, kv_b.path, o.path, *(f"{path}.{name}" for name in shared)})
+    finder.claimed.update({q.path, kv_b.path, o.path, *(g.path for g, _ in gates)})
+    finder.claimed.update(f"{path}.{name}" for name in shared)
     finder.couplings.append(
         Coupling(name=path, kind="heads", layer=layer, size=heads, members=tuple(members), rope=True, head_dim=v)
     )

@@ -111,6 +111,14 @@ def test_mla_heads_train_exactly(model_type, kw):
     assert v_slices and all(len(x.runs) == 2 for x in v_slices)  # 2 of 4 heads: runs split by their key rows
 
 
+def test_per_head_scalar_gates_move_with_their_mla_heads():
+    """dots3's g_proj (hidden -> one gate per head) must move with its heads: the probe proves it does."""
+    s = analyze(_model("dots3_note_text"))
+    gate = [m for m in s.by_kind("heads")[0].members if m.role == "o_gate"]
+    assert [(m.unit, m.count, m.module.rsplit(".", 1)[-1]) for m in gate] == [(1, 4, "g_proj")]
+    assert any(n.startswith("probe: all") for n in s.notes)
+
+
 def test_a_misdeclared_mla_layout_fails_the_probe(monkeypatch):
     """kv_b read as [all keys | all values] instead of per head [key | value]: the shapes fit, the probe refuses."""
     mla = importlib.import_module("surgery.mla")

@@ -103,7 +103,14 @@ def _census(model_type: str, step: Any) -> dict[str, Any]:
     try:
         cls = tiny_model_class(model_type)
     except Exception as e:  # the tiny builder: no model class for the type, or an invalid shrunk config
-        return {**res, "status": "not built", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
+        try:  # the class of the full-size default config still says whether it is a token model at all
+            from transformers import AutoConfig
+
+            cls = tiny_model_class(model_type, AutoConfig.for_model(model_type))
+        except Exception:
+            cls = None
+        if cls is None or main_input_refusal(cls) is None:
+            return {**res, "status": "not built", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
     why = main_input_refusal(cls)  # decided from the class, as the analysis would: no need to build it
     if why is not None:
         return {**res, "class": cls.__name__, "status": "refused", "stage": "analysis", "reason": why}
