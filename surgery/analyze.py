@@ -33,6 +33,8 @@ _K = ("k_proj", "key", "k", "wk", "k_lin")
 _V = ("v_proj", "value", "v", "wv", "v_lin")
 _O = ("o_proj", "out_proj", "dense", "c_proj", "wo", "out_lin", "o", "output.dense", "output", "proj")
 _FUSED_QKV = ("qkv_proj", "c_attn", "Wqkv", "W_pack", "qkv", "query_key_value")
+# Attention classes whose fused query_key_value is per head [q | k | v] (viewed [.., heads, 3, head_dim]).
+_PER_HEAD_FUSED_QKV = ("NeoX", "Persimmon")
 # Attention classes whose fused projection is plain [q | k | v] (checked against their transformers source).
 _PLAIN_FUSED_QKV = ("Phi3", "GPT2", "Mpt", "Dbrx")
 # Names of learned absolute position tables (GPT-2, OPT, BERT-style encoders).
@@ -312,7 +314,8 @@ class _Finder(HeadParts):
                 f"((heads {nh} + 2 x kv_heads {nkv}) x head_dim {d})",
             )
         level = "group" if info.gqa else "unit"
-        if "NeoX" in type(self.modules[path]).__name__ and lin.path.endswith("query_key_value"):
+        neox_style = any(n in type(self.modules[path]).__name__ for n in _PER_HEAD_FUSED_QKV)
+        if neox_style and lin.path.endswith("query_key_value"):
             if info.gqa:
                 why = "interleaved fused qkv with grouped-query attention is not supported; its heads stay frozen"
                 self.frozen.append(Frozen(name=path, layer=layer, roles=("o", "v"), reason=why))
@@ -328,8 +331,8 @@ class _Finder(HeadParts):
         if lin.path.endswith("query_key_value") or not attention.startswith(_PLAIN_FUSED_QKV):
             why = (
                 f"fused {lin.path.rsplit('.', 1)[-1]} of {attention} has a qkv layout this analysis cannot prove is "
-                f"[q | k | v] (known: {', '.join(_PLAIN_FUSED_QKV)} and GPT-NeoX's per-head interleaving; e.g. "
-                "CodeGen interleaves groups); its heads stay frozen"
+                f"[q | k | v] (known: {', '.join(_PLAIN_FUSED_QKV)}, and per head in {', '.join(_PER_HEAD_FUSED_QKV)}; "
+                "e.g. CodeGen interleaves groups); its heads stay frozen"
             )
             self.frozen.append(Frozen(name=path, layer=layer, roles=("o", "v"), reason=why))
             return None

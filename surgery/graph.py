@@ -358,6 +358,7 @@ def cross_check(
         root_elems = expected_elements(c, root)
         found = coupled_indices(dg, modules[root.module], "in", root_elems, time_budget_s=time_budget_s)
         expected: dict[tuple[str, str], set[tuple[int, int]]] = {}
+        strided = {(m.module, m.feature) for m in c.members if m.stride is not None and m.stride != m.unit}
         for m in c.members:
             if m.module is None or m.fixed:
                 continue
@@ -372,6 +373,10 @@ def cross_check(
                 res.unconfirmed.append(f"{c.name}: graph does not link {label}")
             elif any(not 0 <= i < width for _, i in got):
                 res.unconfirmed.append(f"{c.name}: graph's index map for {label} leaves the tensor (unmappable op)")
+            elif not got <= want and key in strided:  # torch-pruning maps a split of a per-head view as flat
+                res.unconfirmed.append(
+                    f"{c.name}: graph maps per-head interleaved {label} as flat; the probe proves it"
+                )
             elif not got <= want:
                 bad = sorted(got - want)[:4]
                 res.conflicts.append(

@@ -63,11 +63,19 @@ class HeadParts:
         return out
 
     def head_vectors(self, path: str, info: HeadInfo) -> list[Member]:
-        """Per-head scalars of the attention module (gpt-oss attention sinks [heads]) move with their heads."""
+        """1-D tensors of the attention module that are unambiguously per head move with their heads: one value
+        per head (gpt-oss attention sinks, Beam's gate bias) or per head and dimension (a query or gate scale
+        of width heads x head_dim when that differs from the hidden size). The probe proves each one."""
         out = []
+        nh, d = info.num_heads, info.head_dim
         for name, p in self.modules[path].named_parameters(recurse=False):
-            if "sink" in name and tuple(p.shape) == (info.num_heads,):
-                out.append(Member(self.param_name[id(p)], 0, info.num_heads, role="sinks"))
+            full = self.param_name[id(p)]
+            if p.dim() != 1:
+                continue
+            if p.numel() == nh and nh != d:
+                out.append(Member(full, 0, nh, role="sinks" if "sink" in name else "head_scalar"))
+            elif p.numel() == info.q_width and info.q_width not in (info.hidden_size, d):
+                out.append(Member(full, 0, nh, d, role="head_scale"))
         return out
 
     def unknown_per_head_param(self, name: str, path: str, info: HeadInfo, members: list[Member]) -> str | None:
