@@ -210,10 +210,10 @@ def test_unprovable_fused_qkv_keeps_heads_frozen_and_o_ratio_is_refused_naming_i
 
 def test_unknown_per_head_parameter_keeps_those_heads_frozen():
     model = tiny_model("llama")
-    model.model.layers[0].self_attn.head_scale = nn.Parameter(torch.ones(4))  # a per-head tensor of a new kind
+    model.model.layers[0].self_attn.bias_table = nn.Parameter(torch.ones(4, 3))  # a per-head tensor of a new kind
     s = analyze(model)
     assert [(f.name, f.roles) for f in s.frozen] == [("model.layers.0.self_attn", ("o", "v"))]
-    assert "self_attn.head_scale (4,) has a per-head dimension" in s.frozen[0].reason
+    assert "self_attn.bias_table (4, 3) has a per-head dimension" in s.frozen[0].reason
     assert [c.layer for c in s.by_kind("heads")] == [1]
 
 
