@@ -91,8 +91,8 @@ def _exact(model_type: str, config: S2Config = ALL, **kw) -> tuple[torch.nn.Modu
 
 @pytest.mark.parametrize(
     ("model_type", "kw"),
-    [("deepseek_v3", {}), ("deepseek_v2", {"q_lora_rank": None}), ("glm4_moe_lite", {})],
-    ids=["deepseek_v3", "deepseek_v2-no-q-lora", "glm4_moe_lite"],
+    [("deepseek_v2", {"q_lora_rank": None}), ("glm4_moe_lite", {})],  # deepseek_v3: with its routing below
+    ids=["deepseek_v2-no-q-lora", "glm4_moe_lite"],
 )
 def test_mla_heads_train_exactly(model_type, kw):
     s = analyze(_model(model_type, **kw))
@@ -106,7 +106,7 @@ def test_mla_heads_train_exactly(model_type, kw):
     assert (roles["v"].offset, roles["v"].unit, roles["v"].step) == (nope, v, nope + v)
     assert roles["o"].unit == v and heads[0].rope and heads[0].group_size == 1
     assert not any("kv_a_proj" in m.param for m in heads[0].members)  # the shared rotary key stays
-    model, plan = _exact(model_type, **kw)
+    _, plan = _exact(model_type, **kw)
     v_slices = [x for x in plan.slices if x.role == "v"]
     assert v_slices and all(len(x.runs) == 2 for x in v_slices)  # 2 of 4 heads: runs split by their key rows
 
@@ -141,14 +141,14 @@ def test_a_misdeclared_mla_layout_fails_the_probe(monkeypatch):
     model = _model("deepseek_v2")
     before = {n: p.clone() for n, p in model.named_parameters()}
     with pytest.raises(StructureError, match=r"structure analysis of deepseek_v2 is wrong.*heads coupling"):
-        analyze(model)
+        analyze(model, cross_check=False)  # the probe alone (as when tracing fails)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 # ------------------------------------------------------------------------- routing-correction biases and groups
 
 
-@pytest.mark.parametrize("model_type", ["glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["glm4_moe", "ernie4_5_moe", "deepseek_v3"])  # buffer; [1, E] parameter; groups
 def test_nonzero_routing_correction_bias_and_groups_train_exactly(model_type):
     model = _model(model_type)
     biases = [b for n, b in model.named_parameters() if "e_score_correction_bias" in n]
@@ -204,7 +204,7 @@ def test_a_misdeclared_expert_layout_fails_the_probe(monkeypatch):
 
     monkeypatch.setattr(el, "_layout", concatenated)
     with pytest.raises(StructureError, match=r"structure analysis of gpt_oss is wrong.*experts\.\d"):
-        analyze(_model("gpt_oss"))
+        analyze(_model("gpt_oss"), cross_check=False)
 
 
 @pytest.mark.parametrize("model_type", ["llama4_text", "dbrx", "aria"])
@@ -264,7 +264,7 @@ def test_a_misdeclared_gated_query_fails_the_probe(monkeypatch):
 
     monkeypatch.setattr(sa._Finder, "find_attention", flat)
     with pytest.raises(StructureError, match=r"structure analysis of qwen3_next is wrong"):
-        analyze(_model("qwen3_next"))
+        analyze(_model("qwen3_next"), cross_check=False)
 
 
 def test_an_undeclared_gated_query_is_left_frozen_with_the_reason(monkeypatch):
@@ -315,7 +315,10 @@ def test_vision_language_models_train_their_language_tower(model_type):
     (tower,) = [f for f in s.frozen if f.layer == -1]
     assert tower.name in ("model.vision_tower", "model.visual") and "feed token ids" in tower.reason
     assert all(".language_model." in c.name for c in s.couplings)
-    _exact(model_type)
+    if model_type in ("llava", "qwen2_vl", "gemma3"):  # CLIP, Qwen-ViT and SigLIP towers; the others alike
+        _exact(model_type)
+    else:
+        assert prepare_model(model, ALL).certificate["passed"]
 
 
 @pytest.mark.parametrize(
