@@ -1,6 +1,6 @@
 """Census: run S²FT end to end on every model type of the installed transformers that builds as a tiny model.
 
-    python tools/census.py [--only TYPE ...] [--limit N] [--redo] [--timeout S] [--memory-gb G] [--report]
+    python tools/census.py [--only TYPE ...] [--limit N] [--redo] [--timeout S] [--memory-gb G] [--jobs J] [--report]
 
 For each model type: build a tiny random model (`benchmarks.tiny_models`, every sub-config shrunk) with every
 parameter and persistent buffer perturbed, analyse it (with the probe), plan and prepare it (permutation
@@ -196,41 +196,35 @@ def _child(model_type: str, out: Path, memory_gb: float) -> None:
     limit = int(memory_gb * (1 << 30))
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     stage = out.with_suffix(".stage")
-    result = census_one(model_type, progress=lambda s: stage.write_text(s))
+    result = {**census_one(model_type, progress=lambda s: stage.write_text(s)), "code": _commit()}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1, default=str))
     os.replace(tmp, out)
     stage.unlink(missing_ok=True)
 
 
-def run_one(model_type: str, work: Path, timeout: float, memory_gb: float) -> dict[str, Any]:
-    """Fork a child for ``model_type``; record a timeout, a signal or a failed child as the result."""
-    out = work / f"{model_type}.json"
-    stage = out.with_suffix(".stage")
-    t0 = time.monotonic()
+def _start(model_type: str, work: Path, memory_gb: float) -> int:
+    """Fork the child that runs ``model_type``; returns its pid (the child never returns)."""
     pid = os.fork()
-    if pid == 0:  # child: never return into the parent's loop
+    if pid == 0:
         code = 0
         try:
             import torch
 
             torch.set_num_threads(1)
-            _child(model_type, out, memory_gb)
+            _child(model_type, work / f"{model_type}.json", memory_gb)
         except BaseException:
             traceback.print_exc()
             code = 1
         finally:
             os._exit(code)
-    status = None
-    while time.monotonic() - t0 < timeout:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.2)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        status = None
+    return pid
+
+
+def _finish(model_type: str, work: Path, status: int | None, timeout: float, memory_gb: float) -> dict[str, Any]:
+    """The child's result, or a timeout, a signal or a failed child recorded as the result."""
+    out = work / f"{model_type}.json"
+    stage = out.with_suffix(".stage")
     if out.is_file() and status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         return json.loads(out.read_text())
     where = stage.read_text() if stage.is_file() else "start"
@@ -245,6 +239,35 @@ def run_one(model_type: str, work: Path, timeout: float, memory_gb: float) -> di
     result = {"model_type": model_type, "status": status_name, "stage": where, "reason": why}
     out.write_text(json.dumps(result, indent=1))
     return result
+
+
+def run_all(todo: list[str], work: Path, timeout: float, memory_gb: float, jobs: int = 1) -> list[dict[str, Any]]:
+    """Run ``todo`` in forked children, ``jobs`` at a time, each killed after ``timeout`` seconds."""
+    running: dict[int, tuple[str, float]] = {}
+    results, queue, n = [], list(todo), len(todo)
+    while queue or running:
+        while queue and len(running) < jobs:
+            t = queue.pop(0)
+            running[_start(t, work, memory_gb)] = (t, time.monotonic())
+        time.sleep(0.1)
+        for pid, (t, t0) in list(running.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if not done and time.monotonic() - t0 < timeout:
+                continue
+            if not done:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                status = None
+            del running[pid]
+            results.append(_finish(t, work, status, timeout, memory_gb))
+            r = results[-1]
+            print(f"[{len(results)}/{n}] {t}: {r['status']} {r.get('reason', '')[:120]}", flush=True)
+    return results
+
+
+def run_one(model_type: str, work: Path, timeout: float, memory_gb: float) -> dict[str, Any]:
+    """`run_all` for one model type."""
+    return run_all([model_type], work, timeout, memory_gb)[0]
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -281,10 +304,12 @@ def report(work: Path, docs: Path) -> dict[str, Any]:
 
     results = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))]
     counts = {s: sum(r["status"] == s for r in results) for s in _ORDER}
+    codes = sorted({r.get("code", "unknown") for r in results})
     summary = {
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "code": _commit(),
+        "results_from_code": codes,
         "model_types": len(results),
         "counts": counts,
         "results": [{k: v for k, v in r.items() if k != "traceback"} for r in results],
@@ -294,7 +319,8 @@ def report(work: Path, docs: Path) -> dict[str, Any]:
     lines = [
         "# Census: S²FT on every model type of transformers " + transformers.__version__,
         "",
-        f"Generated by `python tools/census.py` (do not edit; torch {summary['torch']}, code {summary['code']}): "
+        f"Generated by `python tools/census.py` (do not edit; torch {summary['torch']}, results from code "
+        f"{', '.join(codes)}): "
         "per model type a tiny random model with every "
         "parameter and persistent buffer perturbed is analysed and probed, planned (o/v 0.5, up/down 0.25 where "
         "the structure exists), prepared with verification, trained 3 AdamW steps, and its adapter merged into a "
@@ -335,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redo", action="store_true", help="run types that already have a result again")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per model type")
     p.add_argument("--memory-gb", type=float, default=6.0, help="address-space limit of each child")
+    p.add_argument("--jobs", type=int, default=1, help="children at a time")
     p.add_argument("--work", type=Path, default=None, help="per-type results (resumable)")
     p.add_argument("--docs", type=Path, default=DOCS, help="where CENSUS.md and census.json go")
     p.add_argument("--report", action="store_true", help="only write the report from the results so far")
@@ -356,9 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             todo = [t for t in todo if not (args.work / f"{t}.json").is_file()]
         if args.limit:
             todo = todo[: args.limit]
-        for i, t in enumerate(todo):
-            r = run_one(t, args.work, args.timeout, args.memory_gb)
-            print(f"[{i + 1}/{len(todo)}] {t}: {r['status']} {r.get('reason', '')[:120]}", flush=True)
+        run_all(todo, args.work, args.timeout, args.memory_gb, args.jobs)
     summary = report(args.work, args.docs)
     print(json.dumps(summary["counts"]))
     return 0
