@@ -132,10 +132,17 @@ _SHRINK_MORE: dict[str, int] = {
     "mm_tokens_per_image": 4,
     "num_mel_bins": 16,
     "linear_num_value_heads": 4,
+    "linear_num_heads": HEADS,
+    "linear_head_dim": HIDDEN // HEADS,
+    "vocab_size_per_layer_input": VOCAB,
+    "hidden_size_per_layer_input": 8,
     "linear_num_key_heads": 2,
     "linear_key_head_dim": 8,
     "linear_value_head_dim": 8,
     "mamba_d_state": 8,
+    "mamba_n_heads": 4,
+    "mamba_d_head": 16,
+    "num_kv_shared_layers": 0,
     "mamba_expand": 2,
     "state_size": 8,
 }
@@ -162,8 +169,8 @@ def _shrunk(d: dict[str, Any], overrides: dict[str, Any], core: bool, mrope: boo
     for key in ("head_dim", "d_kv"):
         if key in d and (core or d[key] is not None):
             kw[key] = hidden // heads
-    if "qk_rope_head_dim" in d and "head_dim" in d:  # MLA: head_dim is the rotary part's width
-        kw["head_dim"] = _SHRINK_MORE["qk_rope_head_dim"]
+    if "head_dim" in d and _is_int(d.get("qk_rope_head_dim")) and d["qk_rope_head_dim"] > 0:
+        kw["head_dim"] = _SHRINK_MORE["qk_rope_head_dim"]  # MLA: head_dim is the rotary part's width
     if isinstance(d.get("rotary_dim"), int):
         kw["rotary_dim"] = min(d["rotary_dim"], hidden // heads // 2)
     if d.get("query_pre_attn_scalar") is not None:
@@ -172,6 +179,11 @@ def _shrunk(d: dict[str, Any], overrides: dict[str, Any], core: bool, mrope: boo
         kw["sliding_window"] = POSITIONS // 2
     if "max_window_layers" in d:
         kw["max_window_layers"] = LAYERS
+    layers_before = next((d[k] for k in ("num_hidden_layers", "num_layers", "n_layer") if _is_int(d.get(k))), 0)
+    if not core and layers_before > LAYERS:  # per-layer lists (sparsity patterns, ...) keep their first layers
+        for key, v in d.items():
+            if isinstance(v, list) and len(v) == layers_before and key not in kw and key != "layer_types":
+                kw[key] = v[:LAYERS]
     kinds = d.get("layer_types")
     if isinstance(kinds, list) and len(set(kinds)) > 1 and len(set(kinds[:LAYERS])) < min(LAYERS, len(set(kinds))):
         kw["layer_types"] = list(dict.fromkeys(kinds))[:LAYERS]  # keep both kinds (linear + full attention)
@@ -220,8 +232,11 @@ _SHARED_LAST = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_t
 # Fields real checkpoints carry that a default config lacks and the model needs (transformers 5.24 builds
 # DBRX attention from ``attn_config.rope_theta``, which DbrxAttentionConfig does not define).
 # DBRX attention clamps q/k/v with ``clip_qkv``, and its clamp fails on None in torch 2.13; checkpoints set 8.
-_CHECKPOINT_FIELDS: dict[str, dict[str, dict[str, Any]]] = {
-    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0}}
+# ESM's attention mask reads pad_token_id (1 in every checkpoint); GPT-Neo's attention_types must cover the layers.
+_CHECKPOINT_FIELDS: dict[str, dict[str, Any]] = {
+    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0}},
+    "esm": {"pad_token_id": 1},
+    "gpt_neo": {"attention_types": [[["global", "local"], LAYERS // 2]]},
 }
 
 
@@ -236,7 +251,8 @@ def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
     d = base.to_dict()
     subs = {k: getattr(base, k) for k in (getattr(base, "sub_configs", None) or {}) if hasattr(base, k)}
     kw = _shrunk(d, {}, core=True)
-    kw.update({k: v for k, v in _shrunk(d, {}, core=False).items() if k not in kw})
+    mrope = "mrope_section" in getattr(type(base), "ignore_keys_at_rope_validation", ())
+    kw.update({k: v for k, v in _shrunk(d, {}, core=False, mrope=mrope).items() if k not in kw})
     for key, sub in subs.items():
         if isinstance(sub, PretrainedConfig):
             sd = sub.to_dict()
@@ -255,7 +271,7 @@ def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
         kw.pop("num_key_value_heads", None)
         attn["kv_n_heads"] = HEADS // 2
     for key, extra in _CHECKPOINT_FIELDS.get(model_type, {}).items():
-        kw[key] = {**kw.get(key, {}), **extra}
+        kw[key] = {**kw.get(key, {}), **extra} if isinstance(extra, dict) else extra
     kw.update(overrides)
     vocab = int(kw.get("vocab_size", d.get("vocab_size", VOCAB)) or VOCAB)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):

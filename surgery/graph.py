@@ -318,6 +318,14 @@ def expected_elements(c: Coupling, m: Member) -> list[int]:
     return [m.offset + i * m.step + k for i in range(c.size) for k in range(m.unit)]
 
 
+def _latent(c: Coupling) -> bool:
+    """Multi-head latent attention: keys and values come out of one projection (kv_b) that q does not share,
+    and per-head widths may differ; torch-pruning's index maps cannot follow the latent."""
+    kv = {m.module for m in c.members if m.role in ("k", "v")}
+    q = {m.module for m in c.members if m.role == "q"}
+    return (len(kv) == 1 and not kv & q) or any(m.unit != c.head_dim for m in c.members if m.module is not None)
+
+
 def _root_member(c: Coupling) -> Member | None:
     for role in ("o", "down"):
         for m in c.by_role(role):
@@ -341,10 +349,8 @@ def cross_check(
         if c.kind == "experts" or c.parent is not None:
             res.unconfirmed.append(f"{c.name}: MoE experts are not representable in the graph")
             continue
-        if c.kind == "heads" and any(m.unit != c.head_dim for m in c.members if m.module is not None):
-            res.unconfirmed.append(
-                f"{c.name}: per-head widths differ (multi-head latent attention); the probe proves it"
-            )
+        if c.kind == "heads" and _latent(c):
+            res.unconfirmed.append(f"{c.name}: keys and values from a shared latent (MLA); the probe proves it")
             continue
         if c.by_role("q_gate"):  # torch-pruning maps a chunk of a per-head view as if it were flat
             res.unconfirmed.append(

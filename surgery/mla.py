@@ -38,7 +38,8 @@ def find_mla(finder: _Finder, path: str) -> None:
     cfg = finder.config_for(path)
     dims = {k: getattr(cfg, k, None) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}
     heads = getattr(cfg, "num_attention_heads", None)
-    if not all(isinstance(v, int) and v > 0 for v in (*dims.values(), heads)):
+    sizes = (dims["qk_nope_head_dim"], dims["v_head_dim"], heads)  # qk_rope may be 0: MLA without rotation
+    if not all(isinstance(v, int) and v > 0 for v in sizes) or not isinstance(dims["qk_rope_head_dim"], int):
         raise finder.fail(
             layer, path, f"kv_b_proj looks like multi-head latent attention but the config lacks {dims} / heads"
         )
@@ -62,11 +63,13 @@ def find_mla(finder: _Finder, path: str) -> None:
     finder.claimed.update({q.path, kv_b.path, o.path, *(g.path for g, _ in gates)})
     finder.claimed.update(f"{path}.{name}" for name in shared)
     finder.couplings.append(
-        Coupling(name=path, kind="heads", layer=layer, size=heads, members=tuple(members), rope=True, head_dim=v)
+        Coupling(name=path, kind="heads", layer=layer, size=heads, members=tuple(members), rope=rope > 0, head_dim=v)
     )
     finder.notes.append(
         f"positions: rotary (multi-head latent attention: a qk_rope_head_dim={rope} rotary part per head and one "
         "shared rotary key)"
+        if rope
+        else "positions: multi-head latent attention without a rotary part (qk_rope_head_dim=0)"
     )
     finder.notes.append(
         f"{path}: multi-head latent attention; per head: q rows, kv_b rows of its key and value, o columns; "
