@@ -235,7 +235,7 @@ class _Finder(HeadParts):
                 (k, "k", info.kv_width),
                 (v, "v", info.kv_width),
             ):
-                if gated and role == "q":  # per head [query | gate] (docs/ARCHITECTURE.md, "Gated attention")
+                if gated and role == "q":  # per head [query | gate] (docs/ARCHITECTURE.md, "The method")
                     for sub, offset in (("q", 0), ("q_gate", d)):
                         ms = self.weight_and_bias(lin, "out", sub, nh, d, offset, "unit")
                         members += [_replace(m, stride=2 * d) for m in ms]

@@ -200,18 +200,20 @@ def find_experts(finder: _Finder, path: str) -> None:
     routers = _router(finder, path, experts_path, hidden, down.shape[0] if layout.stacked else None)
     if not layout.stacked:
         routers = [(n, r) for n, r in routers if r == down.shape[0]]
-    if len(routers) != 1:
-        found = f"found {[n for n, _ in routers]}" if routers else "found none"
+    found = f"found {[n for n, _ in routers]}" if routers else "found none"
+    if layout.stacked and len(routers) != 1:  # the router's rows are the only count of stacked experts
         raise finder.fail(layer, path, f"MoE experts found but no single router: looked for {_ROUTER_HINT}; {found}")
-    router, num_experts = routers[0]
+    router = routers[0][0] if len(routers) == 1 else None
+    num_experts = routers[0][1] if layout.stacked else down.shape[0]
     if layout.stacked:
         width = down.shape[0] // num_experts
     else:
         width = down.shape[1] if layout.channels_last else down.shape[2]
     _check_shapes(finder, layer, experts_path, layout, num_experts, width)
-    router_path = router.rsplit(".", 1)[0]
-    router_lin = finder.linear(router_path, "")
-    if router_lin is not None:  # an nn.Linear router: its rows are a linear feature axis
+    members = []
+    if router is None:  # the record lacks its router rows; experts never move, so nothing depends on them
+        finder.notes.append(f"{path}: no single router weight ({_ROUTER_HINT}; {found}) in the experts record")
+    elif (router_lin := finder.linear(router.rsplit(".", 1)[0], "")) is not None:  # rows of an nn.Linear router
         members = finder.weight_and_bias(router_lin, "out", "router", num_experts, 1)
     else:
         members = [Member(router, 0, num_experts, role="router")]
