@@ -229,10 +229,10 @@ def _shrunk(d: dict[str, Any], overrides: dict[str, Any], core: bool, mrope: boo
 _SHARED_LAST = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 
 
-# Fields real checkpoints carry that a default config lacks and the model needs (transformers 5.24 builds
-# DBRX attention from ``attn_config.rope_theta``, which DbrxAttentionConfig does not define).
-# DBRX attention clamps q/k/v with ``clip_qkv``, and its clamp fails on None in torch 2.13; checkpoints set 8.
-# ESM's attention mask reads pad_token_id (1 in every checkpoint); GPT-Neo's attention_types must cover the layers.
+# Fields real checkpoints carry that a default config lacks and the model needs: transformers 5.24 builds DBRX
+# attention from ``attn_config.rope_theta`` (DbrxAttentionConfig does not define it) and clamps q/k/v with
+# ``clip_qkv`` (None fails in torch 2.13; checkpoints set 8); ESM's attention mask reads pad_token_id (1 in every
+# checkpoint); GPT-Neo's attention_types must cover the (now 2) layers.
 _CHECKPOINT_FIELDS: dict[str, dict[str, Any]] = {
     "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0}},
     "esm": {"pad_token_id": 1},
@@ -243,9 +243,9 @@ _CHECKPOINT_FIELDS: dict[str, dict[str, Any]] = {
 def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
     """A config of ``model_type`` with every size shrunk to test scale; ``overrides`` win over defaults.
 
-    The families of `SUPPORTED_TINY` (and every config without sub-configs that the core table covers) keep
-    exactly the core shrink table, so the tests' expectations never move. Sub-configs are shrunk with the
-    fuller table and passed back as dicts; top-level fields of the fuller table are shrunk too.
+    Fields of the core table (`_SHRINK`) always take its values, so the tested families keep the configs their
+    tests expect; the fuller table (`_SHRINK_MORE`: MLA ranks, expert groups, layer patterns, image sizes, ...)
+    only shrinks what is larger. Every sub-config is shrunk the same way and passed back as a dict.
     """
     base = AutoConfig.for_model(model_type)
     d = base.to_dict()
