@@ -65,6 +65,11 @@ def tower_of(finder: _Finder, path: str, subs: dict[int, str]) -> str | None:
 
 def split_towers(finder: _Finder) -> None:
     """Move the couplings of vision / audio towers out of ``finder.couplings`` into one frozen entry per tower."""
+    for f in list(finder.frozen):  # a part of a tower stays frozen with its tower: one entry says why
+        tower = tower_of(finder, f.name, finder.sub_configs)
+        if tower is not None:
+            finder.frozen.remove(f)
+            finder.tower_errors.setdefault(tower, []).append(f"{f.name}: {f.reason}")
     towers: dict[str, list[Coupling]] = {t: [] for t in finder.tower_errors}
     kept = []
     for c in finder.couplings:
