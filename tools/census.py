@@ -43,6 +43,7 @@ RATIO = {"o_ratio": 0.5, "v_ratio": 0.5, "u_ratio": 0.25, "d_ratio": 0.25}
 ROLES = {"o_ratio": "o", "v_ratio": "v", "u_ratio": "up", "d_ratio": "down"}
 STEPS = 3
 ROUND_TRIP_TOL = 1e-5  # relative to the logit scale, fp32
+TINY_PARAMS = 5_000_000  # a shrunk model is far below this; above it, a sub-config was not shrunk
 
 
 def model_types() -> list[str]:
@@ -120,6 +121,11 @@ def _census(model_type: str, step: Any) -> dict[str, Any]:
         return {**res, "status": "not built", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
     res["class"] = type(model).__name__
     res["params"] = sum(p.numel() for p in model.parameters())
+    if res["params"] > TINY_PARAMS:  # a sub-config the builder does not know how to shrink: not a tiny model
+        why = (
+            f"the tiny builder left {res['params']:,} parameters (more than {TINY_PARAMS:,}): a config it cannot shrink"
+        )
+        return {**res, "status": "not built", "reason": why}
     step("analyse")
     try:
         try:
