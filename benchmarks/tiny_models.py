@@ -109,6 +109,7 @@ _SHRINK_MORE: dict[str, int] = {
     "num_shared_experts": 1,
     "moe_top_k": 2,
     "moe_k": 2,
+    "num_experts_per_token": 2,
     "top_k": 2,
     "first_k_dense_replace": 1,
     "kv_lora_rank": 16,
@@ -306,25 +307,28 @@ def _auto_classes(model_type: str, config: PretrainedConfig) -> tuple:
     return classes
 
 
+def _auto_class(model_type: str, config: PretrainedConfig) -> Any:
+    errors = []
+    for auto in _auto_classes(model_type, config):
+        if type(config) in auto._model_mapping:
+            return auto
+        errors.append(auto.__name__)
+    raise ValueError(f"cannot build a tiny {model_type!r} model: no {' / '.join(errors)} class for its config")
+
+
 def tiny_model_class(model_type: str, config: PretrainedConfig | None = None) -> type:
     """The class `tiny_model` builds for ``model_type`` (its LM head class, or its base model), not instantiated."""
     config = tiny_config(model_type) if config is None else config
-    errors = []
-    for auto in _auto_classes(model_type, config):
-        try:
-            return auto._model_mapping[type(config)]
-        except KeyError:
-            errors.append(auto.__name__)
-    raise ValueError(f"cannot build a tiny {model_type!r} model: no {' / '.join(errors)} class for its config")
+    return _auto_class(model_type, config)._model_mapping[type(config)]
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A random-init fp32 model in eval mode: the model type's LM head class (causal, seq2seq, image-text-to-text,
     masked), or its base model when it has no LM head."""
     config = tiny_config(model_type, **overrides)
-    cls = tiny_model_class(model_type, config)
+    auto = _auto_class(model_type, config)
     torch.manual_seed(seed)
-    return cls._from_config(config, dtype=torch.float32).float().eval()
+    return auto.from_config(config, dtype=torch.float32).float().eval()  # the auto class adapts composite configs
 
 
 def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:

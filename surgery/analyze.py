@@ -31,16 +31,16 @@ class StructureError(ValueError):
 _Q = ("q_proj", "query", "q", "wq", "q_lin")
 _K = ("k_proj", "key", "k", "wk", "k_lin")
 _V = ("v_proj", "value", "v", "wv", "v_lin")
-_O = ("o_proj", "out_proj", "dense", "c_proj", "wo", "out_lin", "o", "output.dense", "output", "proj")
+_O = ("o_proj", "out_proj", "dense", "c_proj", "wo", "Wo", "out_lin", "o", "output.dense", "output", "proj")
 _FUSED_QKV = ("qkv_proj", "c_attn", "Wqkv", "W_pack", "qkv", "query_key_value")
 # Attention classes whose fused query_key_value is per head [q | k | v] (viewed [.., heads, 3, head_dim]).
 _PER_HEAD_FUSED_QKV = ("NeoX", "Persimmon")
 # Attention classes whose fused projection is plain [q | k | v] (checked against their transformers source).
-_PLAIN_FUSED_QKV = ("Phi3", "GPT2", "Mpt", "Dbrx")
+_PLAIN_FUSED_QKV = ("Phi3", "GPT2", "Mpt", "Dbrx", "ModernBert")
 # Names of learned absolute position tables (GPT-2, OPT, BERT-style encoders).
 _POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
 _GATED_FFN = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"), ("wi_0", "wi_1", "wo"))
-_FUSED_GATED_FFN = (("gate_up_proj", "down_proj"),)
+_FUSED_GATED_FFN = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))  # [gates | ups] (ModernBERT: act(input) * gate)
 _PLAIN_FFN = (
     ("up_proj", "down_proj"),
     ("c_fc", "c_proj"),
@@ -403,15 +403,19 @@ class _Finder(HeadParts):
 
     # ---- driver ------------------------------------------------------------------------------------
     def guarded(self, step, path: str) -> None:
-        """Run one recognition step; inside a non-text tower (frozen as a whole) a refusal is only recorded."""
-        tower = tower_of(self, path, self.sub_configs)
-        if tower is None:
-            step(self, path)
-            return
+        """Run one recognition step. A block it cannot read (widths that disagree with the config, an unknown
+        expert layout, ...) stays frozen with the reason, its linears claimed so no later step reinterprets
+        them; inside an image/audio tower (frozen as a whole) the reason goes to the tower's entry."""
         try:
             step(self, path)
         except StructureError as e:
-            self.tower_errors.setdefault(tower, []).append(str(e))
+            tower = tower_of(self, path, self.sub_configs)
+            if tower is not None:
+                self.tower_errors.setdefault(tower, []).append(str(e))
+                return
+            self.claimed.update(p for p, m in self.modules.items() if p.startswith(path + ".") and linear_shape(m))
+            roles = ("up", "down") if step in (find_experts, _Finder.find_ffn) else ("o", "v")
+            self.frozen.append(Frozen(path, _layer_index(path), roles, f"not recognised ({e}); it stays frozen"))
 
     def run(self) -> None:
         for step in (find_experts, find_mla, _Finder.find_attention, _Finder.find_ffn):

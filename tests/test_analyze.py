@@ -293,11 +293,18 @@ def test_config_lying_about_head_layout_raises():
         analyze(model)
 
 
-def test_config_head_dim_not_matching_weights_raises():
+def test_config_head_dim_not_matching_weights_keeps_the_heads_frozen_and_refuses_o_ratio():
+    """Widths that disagree with the config: the heads are never guessed; a ratio needing them is refused."""
+    from s2ft_lightning.pipeline import S2Config, prepare_model
+    from surgery.config import SelectionError
+
     model = tiny_model("qwen3", num_key_value_heads=2, head_dim=16)
     model.config.head_dim = 8
-    with pytest.raises(StructureError, match=r"layer 0 .*q_proj has 64 output features.*implies 32"):
-        analyze(model)
+    s = analyze(model)
+    assert [f.name for f in s.frozen] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert not s.by_kind("heads") and len(s.by_kind("ffn")) == 2
+    with pytest.raises(SelectionError, match=r"o_ratio=0.25 .*q_proj has 64 output features.*implies 32"):
+        prepare_model(model, S2Config(o_ratio=0.25))
 
 
 def test_cross_check_reports_wrong_gqa_mapping():
