@@ -190,7 +190,8 @@ def _shrunk(d: dict[str, Any], overrides: dict[str, Any], core: bool, mrope: boo
         kw["layer_types"] = list(dict.fromkeys(kinds))[:LAYERS]  # keep both kinds (linear + full attention)
     rope = d.get("rope_parameters")
     if not core and isinstance(rope, dict) and (isinstance(rope.get("mrope_section"), list) or mrope):
-        half = (hidden // heads) // 2  # multimodal RoPE sections must add up to half the head_dim
+        rotary = int((hidden // heads) * (rope.get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1))
+        half = rotary // 2  # multimodal RoPE sections must add up to half the rotary part of a head
         sec = rope.get("mrope_section") or [16, 24, 24]  # Qwen2-VL's default when the config has none
         new = [max(1, x * half // sum(sec)) for x in sec]
         new[-1] += half - sum(new)
