@@ -292,12 +292,18 @@ def _frozen_summary(r: dict) -> str:
     return "; ".join(out).replace("|", "\\|")
 
 
+_CODE = ("surgery", "s2ft_lightning", "benchmarks/tiny_models.py", "tools/census.py")
+
+
 def _commit() -> str:
+    """The last commit that changed the code a census result depends on (+changes when that code is edited)."""
     import subprocess
 
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
+        head = subprocess.run(
+            ["git", "log", "-1", "--format=%h", "--", *_CODE], cwd=REPO, capture_output=True, text=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *_CODE], cwd=REPO, capture_output=True)
     except OSError:
         return "unknown"
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
