@@ -63,18 +63,26 @@ class HeadParts:
         return out
 
     def head_vectors(self, path: str, info: HeadInfo) -> list[Member]:
-        """1-D tensors of the attention module that are unambiguously per head move with their heads: one value
-        per head (gpt-oss attention sinks, Beam's gate bias) or per head and dimension (a query or gate scale
-        of width heads x head_dim when that differs from the hidden size). The probe proves each one."""
+        """1-D tensors of the attention block that are unambiguously per head move with their heads: one value
+        per head (gpt-oss attention sinks, Beam's gate bias, Mistral-Large-4's softmax scale and bias) or per
+        head and dimension (a query or gate scale of width heads x head_dim when that differs from the hidden
+        size). Tensors of the block's linears and norms are not looked at. The probe proves each one."""
         out = []
         nh, d = info.num_heads, info.head_dim
-        for name, p in self.modules[path].named_parameters(recurse=False):
+        block = self.modules[path]
+        skip = {  # the block's linears and norms (a norm weight is per feature, whatever its width)
+            id(p)
+            for m in block.modules()
+            if linear_shape(m) is not None or "Norm" in type(m).__name__
+            for p in m.parameters()
+        }
+        for name, p in block.named_parameters():
             full = self.param_name[id(p)]
-            if p.dim() != 1:
+            if p.dim() != 1 or id(p) in skip:
                 continue
             if p.numel() == nh and nh != d:
                 out.append(Member(full, 0, nh, role="sinks" if "sink" in name else "head_scalar"))
-            elif p.numel() == info.q_width and info.q_width not in (info.hidden_size, d):
+            elif p.numel() == info.q_width and info.q_width not in (info.hidden_size, d) and "." not in name:
                 out.append(Member(full, 0, nh, d, role="head_scale"))
         return out
 

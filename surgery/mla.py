@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from .heads import HeadInfo
 from .structures import Coupling
 
 if TYPE_CHECKING:
@@ -56,7 +57,9 @@ def find_mla(finder: _Finder, path: str) -> None:
     for role, offset, unit in (("k", 0, nope), ("v", nope, v)):
         members += [replace(m, stride=nope + v) for m in finder.weight_and_bias(kv_b, "out", role, heads, unit, offset)]
     members += finder.weight_and_bias(o, "in", "o", heads, v)
-    gates = finder.output_gates(path, heads, v, getattr(cfg, "hidden_size", 0))
+    hidden = getattr(cfg, "hidden_size", 0)
+    members += finder.head_vectors(path, HeadInfo(heads, heads, v, hidden, rope > 0))  # per-head scales
+    gates = finder.output_gates(path, heads, v, hidden)
     for _, gate_members in gates:
         members += gate_members
     shared = [name for name in _SHARED if f"{path}.{name}" in finder.modules]

@@ -111,11 +111,16 @@ def test_mla_heads_train_exactly(model_type, kw):
     assert v_slices and all(len(x.runs) == 2 for x in v_slices)  # 2 of 4 heads: runs split by their key rows
 
 
-def test_per_head_scalar_gates_move_with_their_mla_heads():
-    """dots3's g_proj (hidden -> one gate per head) must move with its heads: the probe proves it does."""
+def test_per_head_gates_and_scales_move_with_their_mla_heads():
+    """dots3's g_proj (hidden -> one gate per head) and Mistral-Large-4's softmax scale and bias (one each per
+    head, in a child module) must move with their heads: the probe proves they do."""
     s = analyze(_model("dots3_note_text"))
     gate = [m for m in s.by_kind("heads")[0].members if m.role == "o_gate"]
     assert [(m.unit, m.count, m.module.rsplit(".", 1)[-1]) for m in gate] == [(1, 4, "g_proj")]
+    assert any(n.startswith("probe: all") for n in s.notes)
+    s = analyze(_model("mistral_large4_text"), cross_check=False)
+    scales = sorted(m.param.split("self_attn.")[1] for m in s.by_kind("heads")[0].members if m.role == "head_scalar")
+    assert scales == ["softmax_scaling.bias", "softmax_scaling.scale"]
     assert any(n.startswith("probe: all") for n in s.notes)
 
 

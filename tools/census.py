@@ -242,7 +242,7 @@ def _finish(model_type: str, work: Path, status: int | None, timeout: float, mem
     else:
         why = f"child exited with {os.WEXITSTATUS(status)} (memory guard {memory_gb:g} GB hit?)"
     status_name = "not built" if where == "build" else "crash"
-    result = {"model_type": model_type, "status": status_name, "stage": where, "reason": why}
+    result = {"model_type": model_type, "status": status_name, "stage": where, "reason": why, "code": _commit()}
     out.write_text(json.dumps(result, indent=1))
     return result
 
