@@ -96,16 +96,26 @@ def split_towers(finder: _Finder) -> None:
 
 
 def _stacks(finder: _Finder) -> list[tuple[str, nn.ModuleList]]:
-    """ModuleLists of blocks that hold couplings (outermost only: an experts ModuleList is not a stack)."""
-    out: list[tuple[str, nn.ModuleList]] = []
-    for name, mod in sorted(finder.modules.items(), key=lambda kv: kv[0].count(".")):
-        if not isinstance(mod, nn.ModuleList) or not len(mod) or not name:
-            continue
-        if any(name.startswith(f"{s}.") for s, _ in out):
-            continue
-        if any(re.match(rf"{re.escape(name)}\.\d+\.", c.name + ".") for c in finder.couplings):
-            out.append((name, mod))
-    return out
+    """ModuleLists of blocks that hold couplings. A list of blocks of one class nested in another list wins
+    (ALBERT keeps its layers in a list inside a list of layer groups); a list of different sub-layers (T5's
+    [attention, FFN] inside each block) does not; a ModuleList of experts is not a stack of blocks."""
+    found = [
+        (name, mod)
+        for name, mod in finder.modules.items()
+        if isinstance(mod, nn.ModuleList)
+        and len(mod)
+        and name
+        and not name.endswith("experts")
+        and any(re.match(rf"{re.escape(name)}\.\d+\.", c.name + ".") for c in finder.couplings)
+    ]
+    uniform = {n for n, m in found if len({type(block) for block in m}) == 1}
+
+    def kept(n: str) -> bool:
+        inner_uniform = any(o.startswith(f"{n}.") and o in uniform for o, _ in found)
+        nested_mixed = n not in uniform and any(n.startswith(f"{o}.") for o, _ in found)
+        return not inner_uniform and not nested_mixed
+
+    return [(n, m) for n, m in found if kept(n)]
 
 
 def _covered(finder: _Finder) -> set[str]:
