@@ -9,7 +9,7 @@ from surgery.permute import IllegalPermutation, apply_permutations, permute_coup
 from surgery.plan import BlockSlice, PlanError, S2Plan, model_fingerprint
 from surgery.planner import apply_plan, make_plan, unapply_plan
 from surgery.select import select
-from surgery.structures import Coupling, Member, ModelStructures
+from surgery.structures import Coupling, Frozen, Member, ModelStructures
 from surgery.transaction import ModelStateError
 from surgery.verify import Certificate, VerificationError, verify_function
 
@@ -18,6 +18,7 @@ __all__ = [
     "BlockSlice",
     "Certificate",
     "Coupling",
+    "Frozen",
     "IllegalPermutation",
     "ModelStateError",
     "Member",

@@ -12,12 +12,16 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
+from .coverage import check_token_model, layer_coverage, split_towers, sub_configs, tower_of
+from .expert_layouts import find_experts
 from .graph import GraphError, build_graph
 from .graph import cross_check as graph_cross_check
+from .head_parts import HeadParts
 from .heads import HeadConfigError, HeadInfo, head_info
-from .linear import expert_name, linear_shape
+from .linear import linear_shape
+from .mla import find_mla
 from .probe import ProbeError, probe_structures
-from .structures import Coupling, Member, ModelStructures
+from .structures import Coupling, Frozen, Member, ModelStructures
 from .transaction import check_intact
 
 
@@ -29,14 +33,16 @@ class StructureError(ValueError):
 _Q = ("q_proj", "query", "q", "wq", "q_lin")
 _K = ("k_proj", "key", "k", "wk", "k_lin")
 _V = ("v_proj", "value", "v", "wv", "v_lin")
-_O = ("o_proj", "out_proj", "dense", "c_proj", "wo", "out_lin", "o", "output.dense")
+_O = ("o_proj", "out_proj", "dense", "c_proj", "wo", "Wo", "out_lin", "o", "output.dense", "output", "proj")
 _FUSED_QKV = ("qkv_proj", "c_attn", "Wqkv", "W_pack", "qkv", "query_key_value")
+# Attention classes whose fused query_key_value is per head [q | k | v] (viewed [.., heads, 3, head_dim]).
+_PER_HEAD_FUSED_QKV = ("NeoX", "Persimmon")
 # Attention classes whose fused projection is plain [q | k | v] (checked against their transformers source).
-_PLAIN_FUSED_QKV = ("Phi3", "GPT2", "Mpt")
+_PLAIN_FUSED_QKV = ("Phi3", "GPT2", "Mpt", "Dbrx", "ModernBert")
 # Names of learned absolute position tables (GPT-2, OPT, BERT-style encoders).
 _POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
 _GATED_FFN = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"), ("wi_0", "wi_1", "wo"))
-_FUSED_GATED_FFN = (("gate_up_proj", "down_proj"),)
+_FUSED_GATED_FFN = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))  # [gates | ups] (ModernBERT: act(input) * gate)
 _PLAIN_FFN = (
     ("up_proj", "down_proj"),
     ("c_fc", "c_proj"),
@@ -46,11 +52,6 @@ _PLAIN_FFN = (
     ("fc_in", "fc_out"),
     ("lin1", "lin2"),
     ("wi", "wo"),
-)
-_ROUTERS = ("gate", "router")
-_HEADS_NORM_NOTE = (
-    "{name}: {norms} weights are per head_dim and shared by all heads; they are not permuted "
-    "(whole-head moves leave them valid)"
 )
 
 
@@ -86,7 +87,7 @@ def _common_prefix(paths: list[str]) -> str:
     return ".".join(out)
 
 
-class _Finder:
+class _Finder(HeadParts):
     """Walks the module tree once and turns recognised blocks into couplings."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -103,19 +104,29 @@ class _Finder:
         self.param_name = canonical
         self.couplings: list[Coupling] = []
         self.notes: list[str] = []
+        self.frozen: list[Frozen] = []  # recognised (or unrecognised) parts that stay frozen, with reasons
         self.claimed: set[str] = set()  # linear paths already placed in a coupling
+
         self._heads: dict[int, HeadInfo] = {}
-        self.fixed_attention: set[int] = set()  # layers whose heads were found but cannot move
+        self.sub_configs = sub_configs(self.config)  # id(sub-config) -> key, to tell text from vision towers
+        self.tower_errors: dict[str, list[str]] = {}
+
+    layer_of = staticmethod(_layer_index)
 
     # ---- helpers -------------------------------------------------------------------------------
     def config_for(self, path: str) -> object | None:
-        """The config of the nearest module on ``path`` that has one (sub-models carry their own)."""
+        """The config of the nearest module on ``path`` that has one (sub-models carry their own); for a
+        heterogeneous config (per-layer head counts, e.g. EmbeddingGemma-2) the entry of ``path``'s layer."""
         parts = path.split(".") if path else []
+        cfg = self.config
         for i in range(len(parts), -1, -1):
-            cfg = getattr(self.modules.get(".".join(parts[:i])), "config", None)
-            if cfg is not None and not callable(cfg):
-                return cfg
-        return self.config
+            found = getattr(self.modules.get(".".join(parts[:i])), "config", None)
+            if found is not None and not callable(found):
+                cfg = found
+                break
+        if getattr(cfg, "is_heterogeneous", False) is True:
+            return cfg.per_layer_config[_layer_index(path)]
+        return cfg
 
     def heads(self, where: str) -> HeadInfo:
         cfg = self.config_for(where)
@@ -131,7 +142,8 @@ class _Finder:
                 # The module tree outranks an assumption: a learned position table means no rotation.
                 info = replace(info, rope=False, position_evidence=f"learned position embedding {learned}")
             self._heads[id(cfg)] = info
-            self.notes.append(f"positions: {'rotary' if info.rope else 'not rotary'} ({info.position_evidence})")
+            if tower_of(self, where, self.sub_configs) is None:  # towers stay frozen: their positions do not matter
+                self.notes.append(f"positions: {'rotary' if info.rope else 'not rotary'} ({info.position_evidence})")
         return self._heads[id(cfg)]
 
     def learned_positions(self) -> str | None:
@@ -200,20 +212,36 @@ class _Finder:
                 return
         if any(x.path in self.claimed for x in (q, k, v, fused) if x is not None):
             return
-        info = self.heads(path)
         layer = _layer_index(path)
+        try:
+            info = self.heads(path)
+        except StructureError as e:  # q/k/v found, head layout unknown: frozen, never guessed
+            self.claimed.update(x.path for x in (q, k, v, fused) if x is not None)
+            self.frozen.append(Frozen(name=path, layer=layer, roles=("o", "v"), reason=f"heads unknown ({e})"))
+            return
         o = self.output_projection(path, info)
-        if o is None:
-            raise self.fail(layer, path, f"found q/k/v projections but no output projection (looked for {_O})")
+        if o is None:  # an attention block of a kind not known here: frozen, never guessed
+            self.claimed.update(x.path for x in (q, k, v, fused) if x is not None)
+            why = f"found q/k/v projections but no output projection (looked for {', '.join(_O)}); heads stay frozen"
+            self.frozen.append(Frozen(name=path, layer=layer, roles=("o", "v"), reason=why))
+            return
         d, nh, nkv = info.head_dim, info.num_heads, info.num_kv_heads
         level = "group" if info.gqa else "unit"
         members: list[Member] = []
         if fused is None:
+            gated = q.out_features == 2 * info.q_width and k.out_features == v.out_features == info.kv_width
+            if gated and not self.gated_query(path, layer, [q, k, v, o]):
+                return
             for lin, role, width in (
-                (q, "q", info.q_width),
+                (q, "q", 2 * info.q_width if gated else info.q_width),
                 (k, "k", info.kv_width),
                 (v, "v", info.kv_width),
             ):
+                if gated and role == "q":  # per head [query | gate] (docs/ARCHITECTURE.md, "The method")
+                    for sub, offset in (("q", 0), ("q_gate", d)):
+                        ms = self.weight_and_bias(lin, "out", sub, nh, d, offset, "unit")
+                        members += [_replace(m, stride=2 * d) for m in ms]
+                    continue
                 if lin.out_features != width:
                     raise self.fail(
                         layer,
@@ -225,7 +253,11 @@ class _Finder:
             members = [m if m.role not in ("k", "v", "k_bias", "v_bias") else _replace(m, level=level) for m in members]
             linears = [q, k, v, o]
         else:
-            members += self.fused_qkv(fused, info, path, layer)
+            fused_members = self.fused_qkv(fused, info, path, layer)
+            if fused_members is None:  # a layout that cannot be proved: its heads stay frozen, never guessed
+                self.claimed.update((fused.path, o.path))
+                return
+            members += fused_members
             linears = [fused, o]
         if o.in_features != info.q_width:
             raise self.fail(
@@ -236,16 +268,29 @@ class _Finder:
             )
         members += self.weight_and_bias(o, "in", "o", nh, d)
         members += self.head_norms(path, info)
+        members += self.head_vectors(path, info)
+        for gate, gate_members in self.output_gates(path, nh, d, info.hidden_size):
+            members += gate_members
+            linears.append(gate)
         name = _common_prefix([lin.path for lin in linears])
         self.claimed.update(lin.path for lin in linears)
         if info.position_bias:
-            self.fixed_attention.add(layer)
-            self.notes.append(
-                f"{name}: no heads coupling: ALiBi / relative position bias is indexed by head position, "
-                "so permuting heads would change the function"
+            self.frozen.append(
+                Frozen(
+                    name=name,
+                    layer=layer,
+                    roles=("o", "v"),
+                    reason=(
+                        "attention heads stay frozen: ALiBi / relative position bias is indexed by head position "
+                        "(T5, MPT, BLOOM), so permuting heads would change the function"
+                    ),
+                )
             )
             return
-        self.check_per_head_params(name, path, layer, info, members)
+        unknown = self.unknown_per_head_param(name, path, info, members)
+        if unknown is not None:
+            self.frozen.append(Frozen(name=name, layer=layer, roles=("o", "v"), reason=unknown))
+            return
         self.couplings.append(
             Coupling(
                 name=name,
@@ -259,24 +304,8 @@ class _Finder:
             )
         )
 
-    def check_per_head_params(self, name: str, path: str, layer: int, info: HeadInfo, members: list[Member]) -> None:
-        """Refuse attention blocks holding other per-head tensors (sinks, bias tables) we cannot move."""
-        known = {m.param for m in members}
-        per_head = {info.num_heads, info.num_kv_heads, info.q_width, info.kv_width} - {1, info.hidden_size}
-        for base in {name, path}:
-            for p in self.modules[base].parameters():
-                full = self.param_name[id(p)]
-                if full in known or (p.dim() == 1 and p.numel() == info.head_dim):
-                    continue
-                if any(s in per_head for s in p.shape):
-                    raise self.fail(
-                        layer,
-                        name,
-                        f"parameter {full} {tuple(p.shape)} has a per-head dimension this analysis does not "
-                        "know how to move with the heads; this attention variant is not supported",
-                    )
-
-    def fused_qkv(self, lin: _Linear, info: HeadInfo, path: str, layer: int) -> list[Member]:
+    def fused_qkv(self, lin: _Linear, info: HeadInfo, path: str, layer: int) -> list[Member] | None:
+        """Members of a fused qkv projection whose layout is known; None (heads frozen, reason recorded) else."""
         d, nh, nkv = info.head_dim, info.num_heads, info.num_kv_heads
         width = info.q_width + 2 * info.kv_width
         if lin.out_features != width:
@@ -287,9 +316,12 @@ class _Finder:
                 f"((heads {nh} + 2 x kv_heads {nkv}) x head_dim {d})",
             )
         level = "group" if info.gqa else "unit"
-        if "NeoX" in type(self.modules[path]).__name__ and lin.path.endswith("query_key_value"):
+        neox_style = any(n in type(self.modules[path]).__name__ for n in _PER_HEAD_FUSED_QKV)
+        if neox_style and lin.path.endswith("query_key_value"):
             if info.gqa:
-                raise self.fail(layer, path, "interleaved fused qkv with grouped-query attention is not supported")
+                why = "interleaved fused qkv with grouped-query attention is not supported; its heads stay frozen"
+                self.frozen.append(Frozen(name=path, layer=layer, roles=("o", "v"), reason=why))
+                return None
             out = []
             for i, role in enumerate(("q", "k", "v")):  # per-head interleaved [heads, 3, head_dim]
                 out += [
@@ -299,13 +331,13 @@ class _Finder:
             return out
         attention = type(self.modules[path]).__name__
         if lin.path.endswith("query_key_value") or not attention.startswith(_PLAIN_FUSED_QKV):
-            raise self.fail(
-                layer,
-                path,
-                f"fused {lin.path} of {attention} has a qkv layout this analysis cannot prove is [q | k | v] "
-                f"(known: {', '.join(_PLAIN_FUSED_QKV)} and GPT-NeoX's per-head interleaving); e.g. CodeGen "
-                "interleaves groups. Not supported",
+            why = (
+                f"fused {lin.path.rsplit('.', 1)[-1]} of {attention} has a qkv layout this analysis cannot prove is "
+                f"[q | k | v] (known: {', '.join(_PLAIN_FUSED_QKV)}, and per head in {', '.join(_PER_HEAD_FUSED_QKV)}; "
+                "e.g. CodeGen interleaves groups); its heads stay frozen"
             )
+            self.frozen.append(Frozen(name=path, layer=layer, roles=("o", "v"), reason=why))
+            return None
         return (
             self.weight_and_bias(lin, "out", "q", nh, d, 0, "unit")
             + self.weight_and_bias(lin, "out", "k", nkv, d, info.q_width, level)
@@ -323,41 +355,6 @@ class _Finder:
                 found.append(lin)
         # Prefer the projection fed by the heads; else a named one, so the width check can report it.
         return next((x for x in found if x.in_features == info.q_width), found[0] if found else None)
-
-    def head_norms(self, path: str, info: HeadInfo) -> list[Member]:
-        """Per-head q/k norms: full-width ones move with their heads; head_dim-wide ones are shared."""
-        members, shared = [], []
-        for child_name, child in self.modules[path].named_children():
-            w = getattr(child, "weight", None)
-            if linear_shape(child) is not None or not isinstance(w, nn.Parameter):
-                continue
-            cpath = _join(path, child_name)
-            if w.dim() == 2 and w.shape[1] == info.head_dim:  # per-head affine rows [heads, head_dim]
-                level = "group" if info.gqa and w.shape[0] == info.num_kv_heads else "unit"
-                role = "q_norm" if w.shape[0] == info.num_heads and "q" in child_name else "k_norm"
-                members.append(Member(self.pname(cpath, "weight"), 0, w.shape[0], level=level, role=role))
-                continue
-            if w.dim() != 1:
-                continue
-            if w.numel() == info.head_dim:
-                shared.append(child_name)
-            elif w.numel() == info.q_width and "q" in child_name:
-                members.append(Member(self.pname(cpath, "weight"), 0, info.num_heads, info.head_dim, role="q_norm"))
-            elif w.numel() == info.kv_width and "k" in child_name:
-                level = "group" if info.gqa else "unit"
-                members.append(
-                    Member(
-                        self.pname(cpath, "weight"),
-                        0,
-                        info.num_kv_heads,
-                        info.head_dim,
-                        level=level,
-                        role="k_norm",
-                    )
-                )
-        if shared:
-            self.notes.append(_HEADS_NORM_NOTE.format(name=path, norms="/".join(shared)))
-        return members
 
     # ---- FFN ---------------------------------------------------------------------------------------
     def find_ffn(self, path: str) -> None:
@@ -398,106 +395,35 @@ class _Finder:
         if gate is not None:
             members = self.weight_and_bias(gate, "out", "gate", width, 1) + members
         members += self.weight_and_bias(down, "in", "down", width, 1)
+        for child_name, child in self.modules[path].named_children():  # a norm over the intermediate channels
+            w = getattr(child, "weight", None)
+            if "norm" in child_name and isinstance(w, nn.Parameter) and w.dim() == 1 and w.numel() == width:
+                members += self.vector_members(_join(path, child_name), width, 1, "ffn_norm")  # BitNet ffn_sub_norm
         self.claimed.update(x.path for x in lins)
         name = _common_prefix([x.path for x in lins])
         self.couplings.append(Coupling(name=name, kind="ffn", layer=layer, size=width, members=tuple(members)))
 
-    # ---- MoE ---------------------------------------------------------------------------------------
-    def find_experts(self, path: str) -> None:
-        """A MoE block: a router child plus an ``experts`` child holding fused 3-D expert weights."""
-        experts_path = _join(path, "experts")
-        experts = self.modules.get(experts_path)
-        if experts is None or isinstance(experts, nn.ModuleList):
-            return
-        params = {n: p for n, p in experts.named_parameters(recurse=False)}
-        if not any(p.dim() == 3 for p in params.values()):
-            return
-        layer = _layer_index(path)
-        hidden = getattr(self.config_for(path), "hidden_size", None)
-        gate_up, gate, up, down = (params.get(n) for n in ("gate_up_proj", "gate_proj", "up_proj", "down_proj"))
-        if down is None or down.dim() != 3 or (gate_up is None and (gate is None or up is None)):
-            raise self.fail(layer, experts_path, f"unknown expert weight layout: {sorted(params)}")
-        if getattr(experts, "is_transposed", False) or getattr(experts, "is_concatenated", True) is False:
-            raise self.fail(layer, experts_path, "transposed or interleaved gate/up expert weights are not supported")
-        num_experts, _, width = down.shape
-        if down.shape[1] != hidden:
-            raise self.fail(
-                layer, experts_path, f"down_proj {tuple(down.shape)} is not [experts, hidden={hidden}, inter]"
-            )
-        for w, rows in ((gate_up, 2 * width), (gate, width), (up, width)):
-            if w is not None and tuple(w.shape) != (num_experts, rows, hidden):
-                raise self.fail(
-                    layer,
-                    experts_path,
-                    f"expert gate/up weight {tuple(w.shape)} is not [experts, {rows}, hidden={hidden}] "
-                    "(a transposed or interleaved expert layout is not supported)",
-                )
-        router = None
-        for r in _ROUTERS:
-            rw = getattr(self.modules.get(_join(path, r)), "weight", None)
-            if isinstance(rw, nn.Parameter) and tuple(rw.shape) == (num_experts, hidden):
-                router = _join(path, r)
-                break
-        if router is None:
-            raise self.fail(layer, path, f"MoE experts found but no router ({_ROUTERS}) with weight [experts, hidden]")
-        router_lin = self.linear(router, "")
-        if router_lin is not None:  # an nn.Linear router: its rows are a linear feature axis
-            members = self.weight_and_bias(router_lin, "out", "router", num_experts, 1)
-        else:
-            members = [
-                Member(self.param_name[id(p)], 0, num_experts, role="router" if n == "weight" else f"router_{n}")
-                for n, p in self.modules[router].named_parameters(recurse=False)
-                if p.dim() >= 1 and p.shape[0] == num_experts
-            ]
-        members += [
-            Member(self.param_name[id(p)], 0, num_experts, role="expert")
-            for p in params.values()
-            if p.dim() >= 1 and p.shape[0] == num_experts
-        ]
-        self.couplings.append(
-            Coupling(name=path, kind="experts", layer=layer, size=num_experts, members=tuple(members))
-        )
-        fe = experts_path
-        for e in range(num_experts):
-
-            def em(name: str, axis: int, role: str, offset: int = 0, feature: str | None = None, e: int = e):
-                # A weight member names expert e of the 3-D tensor as one linear (`surgery.linear.ExpertLinear`).
-                module = expert_name(fe, name, e) if feature is not None else None
-                return Member(
-                    _join(fe, name), axis, width, offset=offset, role=role, module=module, feature=feature,
-                    fixed=((0, e),),
-                )  # fmt: skip
-
-            if gate_up is not None:
-                ch = [em("gate_up_proj", 1, "gate", 0, "out"), em("gate_up_proj", 1, "up", width, "out")]
-            else:
-                ch = [em("gate_proj", 1, "gate", 0, "out"), em("up_proj", 1, "up", 0, "out")]
-            ch.append(em("down_proj", 2, "down", 0, "in"))
-            for n, p in params.items():  # 2-D expert biases [experts, 2*inter] / [experts, inter]
-                if p.dim() == 2 and n.startswith(("gate_up", "gate", "up")) and p.shape[1] == 2 * width:
-                    ch += [em(n, 1, "gate_bias"), em(n, 1, "up_bias", width)]
-                elif p.dim() == 2 and n.startswith(("gate", "up")) and p.shape[1] == width:
-                    ch.append(em(n, 1, "gate_bias" if n.startswith("gate_") and "up" not in n else "up_bias"))
-            self.couplings.append(
-                Coupling(name=f"{fe}.{e}", kind="ffn", layer=layer, size=width, members=tuple(ch), parent=path)
-            )
-        for n, child in self.modules[path].named_children():
-            shape = linear_shape(child)
-            if shape is not None and shape[1] == 1:
-                self.notes.append(f"{_join(path, n)}: size-1 (broadcast) output, not a coupling; left in place")
-        self.notes.append(
-            f"{path}: per-expert channel couplings come from the module structure (the graph has no experts)"
-        )
-
     # ---- driver ------------------------------------------------------------------------------------
+    def guarded(self, step, path: str) -> None:
+        """Run one recognition step. A block it cannot read (widths that disagree with the config, an unknown
+        expert layout, ...) stays frozen with the reason, its linears claimed so no later step reinterprets
+        them; inside an image/audio tower (frozen as a whole) the reason goes to the tower's entry."""
+        try:
+            step(self, path)
+        except StructureError as e:
+            tower = tower_of(self, path, self.sub_configs)
+            if tower is not None:
+                self.tower_errors.setdefault(tower, []).append(str(e))
+                return
+            self.claimed.update(p for p, m in self.modules.items() if p.startswith(path + ".") and linear_shape(m))
+            roles = ("up", "down") if step in (find_experts, _Finder.find_ffn) else ("o", "v")
+            self.frozen.append(Frozen(path, _layer_index(path), roles, f"not recognised ({e}); it stays frozen"))
+
     def run(self) -> None:
-        for path in self.modules:
-            if path:
-                self.find_experts(path)
-        for path in self.modules:
-            self.find_attention(path)
-        for path in self.modules:
-            self.find_ffn(path)
+        for step in (find_experts, find_mla, _Finder.find_attention, _Finder.find_ffn):
+            for path in self.modules:
+                if path:
+                    self.guarded(step, path)
         if any(isinstance(m, nn.ModuleList) and n.endswith("experts") for n, m in self.modules.items()):
             self.notes.append("experts stored as a ModuleList: each expert is an FFN coupling; experts are not moved")
 
@@ -509,34 +435,31 @@ def _replace(m: Member, **kw: object) -> Member:
 
 
 def _num_layers(config: object, couplings: list[Coupling]) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for cfg in (config, text):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v > 0:
+                return v
     return 1 + max((c.layer for c in couplings), default=-1)
 
 
-def _validate(couplings: list[Coupling], num_layers: int, model: nn.Module, fixed_attention: set[int]) -> None:
-    """Every layer has attention heads and an FFN (or MoE); every member slice fits its tensor."""
-    what = type(model).__name__
-    if not couplings:
-        raise StructureError(
-            f"{what}: no attention blocks (q/k/v or fused qkv + output projection) and no FFN blocks "
-            "(up/gate/down or fc1/fc2 style) were recognised; this model is not supported"
-        )
-    for i in range(num_layers):
-        kinds = {c.kind for c in couplings if c.layer == i and c.parent is None}
-        if i in fixed_attention:
-            kinds.add("heads")  # recognised, deliberately not coupled (see notes)
-        missing = [
-            k for k, ok in (("attention heads", "heads" in kinds), ("FFN", kinds & {"ffn", "experts"})) if not ok
-        ]
-        if missing:
-            raise StructureError(
-                f"{what} layer {i}: no {' and no '.join(missing)} recognised; "
-                f"found {sorted(kinds) or 'nothing'}. Known structures: q/k/v(+o) or fused qkv attention; "
-                "gate/up/down, fused gate_up, fc1/fc2-style FFNs; MoE with 3-D expert weights and a router"
-            )
+def _refuse_empty(finder: _Finder) -> None:
+    """Refuse a model in which nothing trainable was recognised, naming what stays frozen and why."""
+    if finder.couplings:
+        return
+    what = type(finder.model).__name__
+    if finder.frozen:
+        reasons = "; ".join(dict.fromkeys(f"{f.name}: {f.reason}" for f in finder.frozen[:4]))
+        raise StructureError(f"{what}: nothing S²FT can train was recognised; {reasons}")
+    raise StructureError(
+        f"{what}: no attention blocks (q/k/v or fused qkv + output projection) and no FFN blocks "
+        "(up/gate/down or fc1/fc2 style) were recognised; this model is not supported"
+    )
+
+
+def _validate(couplings: list[Coupling], model: nn.Module) -> None:
+    """Every member slice fits its tensor."""
     params = dict(model.named_parameters())
     for c in couplings:
         for m in c.members:
@@ -550,21 +473,35 @@ def _validate(couplings: list[Coupling], num_layers: int, model: nn.Module, fixe
                 )
 
 
+_ORDER = {"heads": 0, "experts": 1, "ffn": 2}
+
+
 def analyze(
     model: nn.Module, *, cross_check: bool = True, time_budget_s: float = 60.0, probe: bool = True
 ) -> ModelStructures:
     """Find all head / FFN-channel / expert couplings of ``model``; raise StructureError when unsure.
 
+    What is recognised trains; what is not (a linear-attention or Mamba mixer, an expert layout S²FT cannot
+    train yet, a vision tower) stays frozen and is listed in ``frozen`` with the reason (`surgery.coverage`).
     With ``probe`` (default) the result is proven on the model: every coupling is moved by a legal permutation
     and the function checked (`surgery.probe`), so a wrong analysis fails here, whatever a plan later selects.
     """
     check_intact(model)
     finder = _Finder(model)
     finder.run()
-    couplings = sorted(finder.couplings, key=lambda c: (c.layer, {"heads": 0, "experts": 1, "ffn": 2}[c.kind]))
+    split_towers(finder)
+    layer_coverage(finder)
+    _refuse_empty(finder)
+    if probe:  # the probe drives the model with token ids: name the reason when it cannot
+        from surgery.verify import logits_of, make_inputs
+
+        why = check_token_model(model, make_inputs, logits_of)
+        if why is not None:
+            raise StructureError(why)
+    couplings = sorted(finder.couplings, key=lambda c: (c.layer, _ORDER[c.kind]))
     config = finder.config
     num_layers = _num_layers(config, couplings)
-    _validate(couplings, num_layers, model, finder.fixed_attention)
+    _validate(couplings, model)
     notes = list(dict.fromkeys(finder.notes))
     if cross_check:
         try:
@@ -585,7 +522,12 @@ def analyze(
             notes += [f"graph: {u}" for u in report.unconfirmed if "MoE experts" not in u]
     model_type = getattr(config, "model_type", None) or type(model).__name__
     structures = ModelStructures(
-        model_type=model_type, num_layers=num_layers, couplings=couplings, tied=finder.tied, notes=notes
+        model_type=model_type,
+        num_layers=num_layers,
+        couplings=couplings,
+        tied=finder.tied,
+        notes=notes,
+        frozen=finder.frozen,
     )
     if probe:
         try:

@@ -88,6 +88,34 @@ def _set_attn(cfg: Any, impl: Any) -> None:
 
 
 @contextlib.contextmanager
+def _no_leftover_hooks(model: nn.Module) -> Iterator[None]:
+    """Remove every hook registered on the model's modules while inside, whatever happens.
+
+    torch-pruning registers a forward hook per prunable module and removes them only when its traced forward
+    returns; a forward that raises (PhiMoE's router subclasses nn.Linear and returns a tuple) left them all
+    on the model, and every later call of the model failed.
+    """
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    extras = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+    before = {m: {k: set(getattr(m, k, {})) for k in kinds} for m in model.modules()}
+    try:
+        yield
+    finally:
+        with deferred_interrupts():
+            _drop_new_hooks(model, before, kinds, extras)
+
+
+def _drop_new_hooks(model: nn.Module, before: dict, kinds: tuple, extras: tuple) -> None:
+    for m in model.modules():
+        for k in kinds:
+            hooks = getattr(m, k, {})
+            for hid in [h for h in hooks if h not in before.get(m, {}).get(k, set())]:
+                del hooks[hid]
+                for extra in extras:
+                    getattr(m, extra, {}).pop(hid, None)
+
+
+@contextlib.contextmanager
 def traced_state(model: nn.Module) -> Iterator[None]:
     """Eager attention, grad-enabled params; restores attention impl, train/eval modes and requires_grad."""
     modes = {m: m.training for m in model.modules()}
@@ -159,27 +187,10 @@ def _patched(budget: _Budget, fix_concat: bool = True) -> Iterator[None]:
             dep_mod.Dependency.is_triggered_by = orig_trig
 
 
-@contextlib.contextmanager
-def _hooks_removed_on_failure(model: nn.Module) -> Iterator[None]:
-    """torch-pruning registers forward hooks while it traces and leaves them when tracing fails: remove them."""
-    before = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in model.modules()}
-    try:
-        yield
-    except BaseException:
-        with deferred_interrupts():
-            for m, (post, pre) in before.items():
-                for k in set(m._forward_hooks) - post:
-                    for table in (m._forward_hooks, m._forward_hooks_with_kwargs, m._forward_hooks_always_called):
-                        table.pop(k, None)
-                for k in set(m._forward_pre_hooks) - pre:
-                    for table in (m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs):
-                        table.pop(k, None)
-        raise
-
-
 def _example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     cfg = getattr(model, "config", None)
-    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg  # composite models: the text side
+    vocab = int(getattr(cfg, "vocab_size", 0) or getattr(text, "vocab_size", 0) or 0)
     if vocab <= 0:
         raise GraphError("cannot make example inputs: the model has no config.vocab_size; pass example_inputs")
     sizes = {int(v) for v in vars(cfg).values() if isinstance(v, int) and not isinstance(v, bool)}
@@ -228,7 +239,7 @@ def build_graph(
     inputs = _example_inputs(model) if example_inputs is None else example_inputs
     pruners = {Conv1D: _conv1d_pruner()} if Conv1D is not None else None
     budget = _Budget(time_budget_s, "graph build")
-    with traced_state(model), _patched(budget), _hooks_removed_on_failure(model):
+    with traced_state(model), _patched(budget), _no_leftover_hooks(model):
         try:
             dg = tp.DependencyGraph().build_dependency(
                 model,
@@ -312,6 +323,14 @@ def expected_elements(c: Coupling, m: Member) -> list[int]:
     return [m.offset + i * m.step + k for i in range(c.size) for k in range(m.unit)]
 
 
+def _latent(c: Coupling) -> bool:
+    """Multi-head latent attention: keys and values come out of one projection (kv_b) that q does not share,
+    and per-head widths may differ; torch-pruning's index maps cannot follow the latent."""
+    kv = {m.module for m in c.members if m.role in ("k", "v")}
+    q = {m.module for m in c.members if m.role == "q"}
+    return (len(kv) == 1 and not kv & q) or any(m.unit != c.head_dim for m in c.members if m.module is not None)
+
+
 def _root_member(c: Coupling) -> Member | None:
     for role in ("o", "down"):
         for m in c.by_role(role):
@@ -335,6 +354,14 @@ def cross_check(
         if c.kind == "experts" or c.parent is not None:
             res.unconfirmed.append(f"{c.name}: MoE experts are not representable in the graph")
             continue
+        if c.kind == "heads" and _latent(c):
+            res.unconfirmed.append(f"{c.name}: keys and values from a shared latent (MLA); the probe proves it")
+            continue
+        if c.by_role("q_gate"):  # torch-pruning maps a chunk of a per-head view as if it were flat
+            res.unconfirmed.append(
+                f"{c.name}: per-head [query | gate] rows are beyond the graph; the probe proves them"
+            )
+            continue
         root = _root_member(c)
         if root is None:
             res.unconfirmed.append(f"{c.name}: no plain o/down input member to root a graph query")
@@ -342,6 +369,7 @@ def cross_check(
         root_elems = expected_elements(c, root)
         found = coupled_indices(dg, modules[root.module], "in", root_elems, time_budget_s=time_budget_s)
         expected: dict[tuple[str, str], set[tuple[int, int]]] = {}
+        strided = {(m.module, m.feature) for m in c.members if m.stride is not None and m.stride != m.unit}
         for m in c.members:
             if m.module is None or m.fixed:
                 continue
@@ -356,6 +384,10 @@ def cross_check(
                 res.unconfirmed.append(f"{c.name}: graph does not link {label}")
             elif any(not 0 <= i < width for _, i in got):
                 res.unconfirmed.append(f"{c.name}: graph's index map for {label} leaves the tensor (unmappable op)")
+            elif not got <= want and key in strided:  # torch-pruning maps a split of a per-head view as flat
+                res.unconfirmed.append(
+                    f"{c.name}: graph maps per-head interleaved {label} as flat; the probe proves it"
+                )
             elif not got <= want:
                 bad = sorted(got - want)[:4]
                 res.conflicts.append(

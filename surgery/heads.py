@@ -75,6 +75,8 @@ def position_encoding(config: Any) -> tuple[bool, str]:
     With RoPE only whole heads may move; the evidence is reported by the analysis so a reader can check it.
     """
     model_type = getattr(config, "model_type", "")
+    if uses_head_position_bias(config):
+        return False, "ALiBi / relative position bias indexed by head (no rotation)"
     if model_type in _NO_ROPE_TYPES:
         return False, f"model_type {model_type!r} uses absolute/learned positions"
     kind = getattr(config, "position_embedding_type", None)
@@ -116,6 +118,9 @@ def head_info(config: Any) -> HeadInfo:
             f"{model_type}: config has no positive attention head count (looked for {', '.join(_HEAD_KEYS)})"
         )
     kv = _first(config, _KV_KEYS)
+    attn_config = getattr(config, "attn_config", None)  # DBRX keeps its kv head count there
+    if kv is None and attn_config is not None and not isinstance(attn_config, dict):
+        kv = _first(attn_config, ("kv_n_heads",))
     if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
         kv = 1  # Falcon-style multi-query attention
     if kv is None:

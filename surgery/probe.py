@@ -6,6 +6,10 @@ every unit of every coupling (kv groups by one group and q heads inside each gro
 other unit set by one position), compares the logits on seeded inputs, and undoes the rotation exactly (a
 permutation is a pure data move, so its inverse restores the bytes). On a mismatch each layer is probed alone
 to name the couplings that are wrong.
+
+Experts couplings (router rows + whole experts) are not moved: plans never move experts (they train channels
+inside experts), so nothing needs that proof, and moving experts would have to carry routing-correction
+buffers and keep expert groups (docs/ARCHITECTURE.md, "MoE experts"). Every per-expert channel coupling is moved.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ def probe_structures(model: torch.nn.Module, structures: ModelStructures, *, see
     The model is left bit-identical either way (an interrupt included: the moves are journaled in the model's
     transaction and undone), and in the training mode it had.
     """
-    items = [(c, p) for c in structures.couplings if (p := probe_permutation(c)) is not None]
+    movable = [c for c in structures.couplings if c.kind != "experts"]  # plans never move experts
+    items = [(c, p) for c in movable if (p := probe_permutation(c)) is not None]
     if not items:
         return 0
     _, tol = tolerance_for(model)

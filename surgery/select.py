@@ -210,9 +210,11 @@ def select(
             continue
         cs = [c for c in structures.couplings if role_members(c, role)]
         if not cs:
+            reasons = structures.frozen_reasons(role)
+            why = f": {'; '.join(reasons[:3])}" if reasons else ""
             raise SelectionError(
                 f"{RATIO_KEYS[role]}={ratio} but the model has no sliceable {role!r} members "
-                f"(model_type {structures.model_type!r}); set it to 0"
+                f"(model_type {structures.model_type!r}){why}; set it to 0"
             )
         sizes = [role_level_size(c, role) for c in cs]
         counts = _allocate(sizes, float(ratio), allocation, gen)

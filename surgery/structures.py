@@ -77,6 +77,28 @@ class Coupling:
         return Coupling(**{**d, "members": members})
 
 
+@dataclass(frozen=True)
+class Frozen:
+    """A part of the model S²FT leaves frozen although a ratio could train it there, and why.
+
+    ``roles`` are the trainable roles it would hold ("o"/"v" for a token mixer, "up"/"down" for an FFN or
+    experts): a ratio whose role has couplings elsewhere trains there; one with none anywhere is refused
+    naming these reasons (`surgery.select`). ``layer`` is -1 for a whole tower.
+    """
+
+    name: str
+    layer: int
+    roles: tuple[str, ...]
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "layer": self.layer, "roles": list(self.roles), "reason": self.reason}
+
+    @staticmethod
+    def from_dict(d: dict) -> Frozen:
+        return Frozen(name=d["name"], layer=int(d["layer"]), roles=tuple(d["roles"]), reason=d["reason"])
+
+
 @dataclass
 class ModelStructures:
     """Everything `surgery.analyze` found in one model."""
@@ -86,6 +108,11 @@ class ModelStructures:
     couplings: list[Coupling] = field(default_factory=list)
     tied: list[tuple[str, str]] = field(default_factory=list)  # parameter aliases (permuted once)
     notes: list[str] = field(default_factory=list)  # what was skipped and why
+    frozen: list[Frozen] = field(default_factory=list)  # parts that stay frozen (partial coverage), with reasons
+
+    def frozen_reasons(self, role: str) -> list[str]:
+        """Distinct reasons why parts that could hold ``role`` stay frozen, in first-seen order."""
+        return list(dict.fromkeys(f.reason for f in self.frozen if role in f.roles))
 
     def by_kind(self, kind: Kind) -> list[Coupling]:
         return [c for c in self.couplings if c.kind == kind]
@@ -103,6 +130,7 @@ class ModelStructures:
             "couplings": [c.to_dict() for c in self.couplings],
             "tied": [list(t) for t in self.tied],
             "notes": list(self.notes),
+            "frozen": [f.to_dict() for f in self.frozen],
         }
 
     @staticmethod
@@ -113,4 +141,5 @@ class ModelStructures:
             couplings=[Coupling.from_dict(c) for c in d["couplings"]],
             tied=[tuple(t) for t in d.get("tied", [])],
             notes=list(d.get("notes", [])),
+            frozen=[Frozen.from_dict(f) for f in d.get("frozen", [])],
         )

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from surgery.permute import storage_key
+from surgery.tokens import draw_token_ids, reserved_token_ids
 from surgery.transaction import deferred_interrupts, transaction
 
 
@@ -87,7 +88,8 @@ def _vocab_size(model: torch.nn.Module) -> int:
 
 
 def make_inputs(model: torch.nn.Module, n_inputs: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded random token ids within the vocabulary (plus decoder ids for encoder-decoder models)."""
+    """Seeded random token ids within the vocabulary (plus decoder ids for encoder-decoder models), never a
+    multimodal placeholder id (`surgery.tokens`)."""
     g = torch.Generator().manual_seed(seed)
     vocab = _vocab_size(model)
     cfg = getattr(model, "config", None)
@@ -96,10 +98,11 @@ def make_inputs(model: torch.nn.Module, n_inputs: int, seq_len: int, seed: int) 
         if isinstance(limit, int) and 0 < limit < seq_len:
             seq_len = limit
     device = next(model.parameters()).device
-    ids = torch.randint(0, vocab, (n_inputs, seq_len), generator=g).to(device)
+    reserved = reserved_token_ids(cfg)  # image/video/audio placeholders need their media: never drawn
+    ids = draw_token_ids(vocab, (n_inputs, seq_len), g, reserved).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(cfg, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = torch.randint(0, vocab, (n_inputs, seq_len), generator=g).to(device)
+        inputs["decoder_input_ids"] = draw_token_ids(vocab, (n_inputs, seq_len), g, reserved).to(device)
     return inputs
 
 

@@ -209,6 +209,7 @@ def test_bf16_experts_train_with_fp32_masters():
 
 def test_unsupported_experts_are_refused_before_anything_moves(monkeypatch):
     from s2ft_lightning.layers import S2InstallError
+    from surgery.config import SelectionError
 
     model = _moe("mixtral")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -218,10 +219,16 @@ def test_unsupported_experts_are_refused_before_anything_moves(monkeypatch):
     # a gate of the model's own (here computing the default, so the model still runs) is not assumed to be
     # act(gate)·up: refused
     monkeypatch.setattr(cls, "_apply_gate", lambda self, x: moe._default_apply_gate(self, x), raising=False)
-    with pytest.raises(S2InstallError, match=r"mlp.experts' \(MixtralExperts\): it gates with a custom"):
+    # the analysis already keeps such experts frozen, so the expert ratios are refused at selection, naming why
+    with pytest.raises(SelectionError, match=r"u_ratio=0.25 .*MixtralExperts gates with its own"):
         prepare_model(model, S2)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not layers.installed(model)
+    # and installing blocks on them is refused by the expert layer itself (a plan made elsewhere)
+    from s2ft_lightning.experts import check_experts
+
+    with pytest.raises(S2InstallError, match=r"mlp.experts' \(MixtralExperts\): it gates with a custom"):
+        check_experts(model.model.layers[0].mlp.experts, "model.layers.0.mlp.experts")
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])

@@ -84,3 +84,12 @@ def test_model_argument_has_help(capsys):
     with pytest.raises(SystemExit):
         inspect_structure.main(["--help"])
     assert "a transformers model_type" in " ".join(capsys.readouterr().out.split())
+
+
+def test_tiny_vision_language_model_is_shrunk_and_names_its_frozen_tower(capsys):
+    """--tiny shrinks nested text and vision configs (it used to build them full size and be OOM-killed)."""
+    assert inspect_structure.main(["llava", "--tiny", "--o-ratio", "0.25", "--verify", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verified"] is True and out["total_params"] < 100_000
+    (tower,) = out["frozen"]
+    assert tower["name"] == "model.vision_tower" and "feed token ids" in tower["reason"]

@@ -4,8 +4,10 @@
                                      [--strategy S] [--variant V] [--allocation A] [--seed N] [--verify] [--json]
 
 MODEL is a local HF folder, a .gguf file, ``demo:smollm2`` (the offline demo model), or with
-``--tiny`` a transformers model_type from which a tiny random-init model is built. Exit code 1 when
-verification fails, 2 when the model is unsupported or the input is bad.
+``--tiny`` a transformers model_type from which a tiny random-init model is built (nested text / vision
+configs shrunk too). Parts that stay frozen (an unrecognised token mixer, an expert layout S²FT cannot train
+yet, a vision tower) are listed with the reason. Exit code 1 when verification fails, 2 when the model is
+unsupported or the input is bad.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def audit(model: nn.Module, args: argparse.Namespace) -> dict:
         "analyze_s": t_analyze,
         "apply_s": t_apply,
         "notes": structures.notes,
+        "frozen": [f.to_dict() for f in structures.frozen],
     }
 
 
@@ -135,6 +138,9 @@ def print_table(r: dict) -> None:
             f"  relative {r['rel_diff']:.3g}"
         )
     print(f"time: analyze {r['analyze_s']:.2f}s, permute+verify {r['apply_s']:.2f}s")
+    for f in r["frozen"]:
+        where = "whole tower" if f["layer"] < 0 else f"layer {f['layer']}"
+        print(f"frozen: {f['name']} ({where}; no {'/'.join(f['roles'])} trained there): {f['reason']}")
     for n in r["notes"]:
         print(f"note: {n}")
 
