@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import json
-import math
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from s2ft_lightning.data.reasoning import generate_answers, make_task
 
@@ -257,37 +255,3 @@ def heldout_texts() -> dict[str, tuple[str, dict]]:
     for text, info in out.values():
         info.update(sha256=hashlib.sha256(text.encode()).hexdigest(), chars=len(text))
     return out
-
-
-@torch.no_grad()
-def window_nll(model: Any, tokenizer: Any, text: str, *, window: int = 256, max_tokens: int = 4096) -> list[list]:
-    """Next-token NLL over the text's first ``max_tokens`` tokens in independent windows: ``[nll sum, tokens]`` each.
-
-    Perplexity is exp(sum of NLL / sum of tokens); per-window values allow a paired bootstrap between runs.
-    """
-    prefix = 6 * (max_tokens + 1)  # about 1.5x the characters max_tokens cover in English: no need to tokenize all
-    ids = tokenizer(text[:prefix], add_special_tokens=False)["input_ids"]
-    if len(ids) <= max_tokens + 16 and len(text) > prefix:  # the cut can only change the last few tokens
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = ids[:max_tokens]
-    if len(ids) < 2:
-        raise ValueError("held-out text has fewer than 2 tokens")
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    out = []
-    try:
-        for start in range(0, len(ids) - 1, window):
-            chunk = torch.tensor([ids[start : start + window + 1]], device=device)
-            if chunk.shape[1] < 2:
-                break
-            logits = model(input_ids=chunk[:, :-1]).logits.float()
-            nll = nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
-            out.append([float(nll), chunk.shape[1] - 1])
-    finally:
-        model.train(was_training)
-    return out
-
-
-def perplexity_of(windows: Sequence[Sequence[float]]) -> float:
-    return math.exp(sum(w[0] for w in windows) / sum(w[1] for w in windows))

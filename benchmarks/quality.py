@@ -7,6 +7,7 @@ by log-likelihood and perplexity on a held-out plain text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata as md
 import json
@@ -27,7 +28,7 @@ from torch import nn
 
 from benchmarks.lora_match import LORA_TARGETS, matched_lora_rank
 from s2ft_lightning.demo import cache_root
-from s2ft_lightning.module import S2FTModule
+from s2ft_lightning.module import S2FTModule, WarmupLinear
 from s2ft_lightning.pipeline import S2Config
 
 BIGBENCH_VERSION = "1.0.0"
@@ -114,6 +115,23 @@ class QualityModule(S2FTModule):
             self.model.train()
         self.info["trainable_params"] = trainable_count(self.model)
         self.info["total_params"] = sum(p.numel() for p in self.model.parameters())
+
+    @classmethod
+    def for_job(cls, spec: dict[str, Any]) -> QualityModule:
+        """The module one study job trains: its arm's method, S²FT / LoRA settings, lr, schedule and dtype."""
+        arm = spec["arm_config"]
+        lora = arm.get("lora", {})
+        return cls(
+            spec["model"],
+            arm["method"],
+            s2=S2Config(**{**arm.get("s2", {}), "seed": spec["seed"]}),
+            lora_rank=lora.get("rank", 0),
+            lora_alpha_ratio=lora.get("alpha_ratio", 2.0),
+            lora_targets=lora.get("targets", LORA_TARGETS),
+            optimizer=functools.partial(torch.optim.AdamW, lr=spec["lr"], weight_decay=spec["weight_decay"]),
+            scheduler=functools.partial(WarmupLinear, warmup_steps=round(spec["warmup_ratio"] * spec["steps"])),
+            dtype=spec["dtype"],
+        )
 
 
 # ---- BIG-bench general_knowledge ------------------------------------------------------------------------------
@@ -284,27 +302,43 @@ def heldout_text(sources: Sequence[tuple[str, str]] = PPL_TEXT_SOURCES) -> tuple
 
 
 @torch.no_grad()
-def perplexity(model: Any, tokenizer: Any, text: str, *, window: int = 256, max_tokens: int = 4096) -> float:
-    """exp(mean next-token NLL) over the text's first ``max_tokens`` tokens, in independent windows."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+def window_nll(model: Any, tokenizer: Any, text: str, *, window: int = 256, max_tokens: int = 4096) -> list[list]:
+    """Next-token NLL over the text's first ``max_tokens`` tokens in independent windows: ``[nll sum, tokens]`` each.
+
+    Perplexity is exp(sum of NLL / sum of tokens); per-window values allow a paired bootstrap between runs.
+    """
+    prefix = 6 * (max_tokens + 1)  # about 1.5x the characters max_tokens cover in English: no need to tokenize all
+    ids = tokenizer(text[:prefix], add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens + 16 and len(text) > prefix:  # the cut can only change the last few tokens
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = ids[:max_tokens]
     if len(ids) < 2:
         raise ValueError("held-out text has fewer than 2 tokens")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    out = []
     try:
         for start in range(0, len(ids) - 1, window):
             chunk = torch.tensor([ids[start : start + window + 1]], device=device)
             if chunk.shape[1] < 2:
                 break
             logits = model(input_ids=chunk[:, :-1]).logits.float()
-            loss = nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
-            nll += float(loss)
-            count += chunk.shape[1] - 1
+            nll = nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
+            out.append([float(nll), chunk.shape[1] - 1])
     finally:
         model.train(was_training)
-    return math.exp(nll / count)
+    return out
+
+
+def perplexity_of(windows: Sequence[Sequence[float]]) -> float:
+    """exp(sum of NLL / sum of tokens) over `window_nll`'s windows."""
+    return math.exp(sum(w[0] for w in windows) / sum(w[1] for w in windows))
+
+
+def perplexity(model: Any, tokenizer: Any, text: str, *, window: int = 256, max_tokens: int = 4096) -> float:
+    """exp(mean next-token NLL) over the text's first ``max_tokens`` tokens, in independent windows."""
+    return perplexity_of(window_nll(model, tokenizer, text, window=window, max_tokens=max_tokens))
 
 
 @torch.no_grad()

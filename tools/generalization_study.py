@@ -26,7 +26,6 @@ fresh subprocess and records the code commit it ran with.
 from __future__ import annotations
 
 import argparse
-import functools
 import gzip
 import hashlib
 import json
@@ -130,8 +129,6 @@ def run_job(spec: dict, runtime: dict) -> tuple[dict, dict]:
 
     from benchmarks.generalization import items_digest, score_items
     from benchmarks.quality import QualityModule, answer_loss
-    from s2ft_lightning.module import WarmupLinear
-    from s2ft_lightning.pipeline import S2Config
 
     cpu0 = time.process_time()
     L.seed_everything(spec["seed"], verbose=False)
@@ -182,19 +179,7 @@ def run_job(spec: dict, runtime: dict) -> tuple[dict, dict]:
             def on_train_end(self, trainer, pl_module) -> None:
                 self.seconds, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
 
-        arm = spec["arm_config"]
-        lora = arm.get("lora", {})
-        module = QualityModule(
-            spec["model"],
-            arm["method"],
-            s2=S2Config(**{**arm.get("s2", {}), "seed": spec["seed"]}),
-            lora_rank=lora.get("rank", 0),
-            lora_alpha_ratio=lora.get("alpha_ratio", 2.0),
-            lora_targets=lora.get("targets", ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]),
-            optimizer=functools.partial(torch.optim.AdamW, lr=spec["lr"], weight_decay=spec["weight_decay"]),
-            scheduler=functools.partial(WarmupLinear, warmup_steps=round(spec["warmup_ratio"] * spec["steps"])),
-            dtype=spec["dtype"],
-        )
+        module = QualityModule.for_job(spec)
         meter = Meter()
         trainer = L.Trainer(
             accelerator="auto", devices=1, max_steps=spec["steps"], limit_val_batches=0, logger=False,
@@ -285,7 +270,8 @@ def _forgetting_mc(model: Any, tokenizer: Any, spec: dict, runtime: dict) -> tup
 
 
 def _perplexities(model: Any, tokenizer: Any, cfg: dict) -> tuple[dict, dict]:
-    from benchmarks.generalization import heldout_texts, perplexity_of, window_nll
+    from benchmarks.generalization import heldout_texts
+    from benchmarks.quality import perplexity_of, window_nll
 
     out, windows = {}, {}
     for name, (text, info) in heldout_texts().items():

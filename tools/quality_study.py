@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -141,8 +140,6 @@ def run_job(spec: dict) -> dict:
 
     import s2ft_lightning
     from benchmarks.quality import QualityModule
-    from s2ft_lightning.module import WarmupLinear
-    from s2ft_lightning.pipeline import S2Config
 
     L.seed_everything(spec["seed"], verbose=False)
     dm = _datamodule(spec)
@@ -173,19 +170,7 @@ def run_job(spec: dict) -> dict:
             self.seconds = time.perf_counter() - self.t0
             self.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    arm = spec["arm_config"]
-    lora = arm.get("lora", {})
-    module = QualityModule(
-        spec["model"],
-        arm["method"],
-        s2=S2Config(**{**arm.get("s2", {}), "seed": spec["seed"]}),
-        lora_rank=lora.get("rank", 0),
-        lora_alpha_ratio=lora.get("alpha_ratio", 2.0),
-        lora_targets=lora.get("targets", ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]),
-        optimizer=functools.partial(torch.optim.AdamW, lr=spec["lr"], weight_decay=spec["weight_decay"]),
-        scheduler=functools.partial(WarmupLinear, warmup_steps=round(spec["warmup_ratio"] * spec["steps"])),
-        dtype=spec["dtype"],
-    )
+    module = QualityModule.for_job(spec)
     meter = Meter()
     trainer = L.Trainer(
         accelerator="auto",
