@@ -62,14 +62,20 @@ def probe_structures(model: torch.nn.Module, structures: ModelStructures, *, see
     """Raise `ProbeError` naming every coupling whose rotation changes the function; return how many moved.
 
     The model is left bit-identical either way (an interrupt included: the moves are journaled in the model's
-    transaction and undone), and in the training mode it had.
+    transaction and undone), and in the training mode it had. ``structures.notes`` gets how many experts were
+    driven one by one and which experts modules could not be (their couplings are then proved by the logits
+    only, on the experts the router reaches).
     """
     movable = [c for c in structures.couplings if c.kind != "experts"]  # plans never move experts
     items = [(c, p) for c in movable if (p := probe_permutation(c)) is not None]
     if not items:
         return 0
     _, tol = tolerance_for(model)
-    driven, _ = experts_to_drive(model, [c for c, _ in items])
+    driven, not_driven = experts_to_drive(model, [c for c, _ in items])
+    if driven:
+        count = sum(d.num_experts for d in driven)
+        structures.notes.append(f"probe: {count} experts in {len(driven)} modules driven one by one, fp32")
+    structures.notes += [f"probe: experts not driven one by one (proved by the logits only): {n}" for n in not_driven]
     inputs = make_inputs(model, 2, 16, seed)
     with transaction(model, "the analysis probe") as txn, eval_mode(model):
         before = forward_logits(model, inputs)
