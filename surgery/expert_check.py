@@ -107,21 +107,22 @@ def _output(out: object) -> torch.Tensor:
 
 @torch.no_grad()
 def expert_outputs(model: nn.Module, d: DrivenExperts, *, seed: int = 0) -> torch.Tensor:
-    """Every expert's output on its own ``TOKENS_PER_EXPERT`` seeded tokens, computed in fp32: ``[E, m, H]``
-    float32 on the host (a check keeps one per driven module across a change)."""
+    """Every expert's output on its own ``TOKENS_PER_EXPERT`` seeded tokens, computed in fp32 (fp64 for an fp64
+    module): ``[E, m, H]`` on the host (a check keeps one per driven module across a change)."""
     module = model.get_submodule(d.path)
     m, e = TOKENS_PER_EXPERT, d.num_experts
     weight = next((p for p in module.parameters() if p.is_floating_point()), None)
     device = weight.device if weight is not None else torch.device("cpu")
+    dtype = torch.float64 if weight is not None and weight.dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(e * m, d.hidden, generator=g).to(device)
+    x = torch.randn(e * m, d.hidden, generator=g, dtype=dtype).to(device)
     with fp32_module(module):
         if _convention(module) == "sorted":
             out = _output(module(x))
         else:
             index = torch.arange(e, device=device).repeat_interleave(m).unsqueeze(1)
-            out = _output(module(x, index, torch.ones(e * m, 1, device=device)))
-    return out.reshape(e, m, d.hidden).detach().float().cpu()
+            out = _output(module(x, index, torch.ones(e * m, 1, device=device, dtype=dtype)))
+    return out.reshape(e, m, d.hidden).detach().to(dtype).cpu()
 
 
 @dataclass

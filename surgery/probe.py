@@ -74,7 +74,7 @@ def probe_structures(model: torch.nn.Module, structures: ModelStructures, *, see
     driven, not_driven = experts_to_drive(model, [c for c, _ in items])
     if driven:
         count = sum(d.num_experts for d in driven)
-        structures.notes.append(f"probe: {count} experts in {len(driven)} modules driven one by one, fp32")
+        structures.notes.append(f"probe: {count} experts in {len(driven)} modules driven one by one")
     structures.notes += [f"probe: experts not driven one by one (proved by the logits only): {n}" for n in not_driven]
     inputs = make_inputs(model, 2, 16, seed)
     with transaction(model, "the analysis probe") as txn, eval_mode(model):
