@@ -10,8 +10,9 @@ change, expert by expert, and names the experts whose function moved.
 
 Calling conventions (transformers 5): ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``
 (every family with a router outside its experts module; gpt-oss names them router_indices /
-routing_weights), and ``forward(hidden [E * m, H])`` with the tokens already sorted per expert (Llama-4).
-An experts module with another forward is not driven; the check says so in its certificate.
+routing_weights), and ``forward(hidden [E * m, H])`` with the tokens already sorted per expert (Llama-4,
+declared by class name in `_SORTED`). An experts module with another forward is not driven: the certificate
+(``experts_not_driven``) and the analysis notes name it, and its couplings are proved by the logits alone.
 """
 
 from __future__ import annotations
@@ -83,16 +84,21 @@ def _signature(module: nn.Module) -> str:
         return "(?)"
 
 
+# Experts modules whose forward takes the hidden states already sorted per expert, read from their source.
+_SORTED = {"Llama4TextExperts"}
+
+
 def _convention(module: nn.Module) -> str | None:
-    """ "routed" for forward(hidden, index, weights), "sorted" for forward(hidden) sorted per expert, else None."""
+    """ "routed" for forward(hidden, index, weights), "sorted" for a declared forward(hidden) sorted per
+    expert, else None (not driven: a guess could drive the wrong experts)."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         return None
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) >= 3 and all(p.default is p.empty for p in positional[3:]):
+    if len(positional) >= 3 and all(p.default is not p.empty for p in positional[3:]):
         return "routed"
-    if len(positional) == 1:
+    if len(positional) == 1 and type(module).__name__ in _SORTED:
         return "sorted"
     return None
 

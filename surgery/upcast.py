@@ -19,7 +19,8 @@ outside its own call) is evaluated with every tensor swapped at once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from torch import nn
 from surgery.transaction import deferred_interrupts
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+T = TypeVar("T")
 
 
 class UpcastError(RuntimeError):
@@ -49,17 +51,20 @@ class _Swapped:
         self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
         seen: set[int] = set()
         with deferred_interrupts():
-            for mod in modules:
-                for p in mod.parameters(recurse=False):
-                    if id(p) not in seen and _is_low(p):
-                        seen.add(id(p))
-                        original = p.data
-                        self._params.append((p, original))
-                        p.data = original.float()
-                for name, b in list(mod._buffers.items()):
-                    if _is_low(b):
-                        self._buffers.append((mod, name, b))
-                        mod._buffers[name] = b.float()
+            try:
+                for mod in modules:
+                    for p in mod.parameters(recurse=False):
+                        if id(p) not in seen and _is_low(p):
+                            seen.add(id(p))
+                            self._params.append((p, p.data))
+                            p.data = p.data.float()
+                    for name, b in list(mod._buffers.items()):
+                        if _is_low(b):
+                            self._buffers.append((mod, name, b))
+                            mod._buffers[name] = b.float()
+            except BaseException:  # out of memory halfway: put back what was swapped
+                self.restore()
+                raise
 
     def restore(self) -> None:
         with deferred_interrupts():
@@ -135,19 +140,18 @@ def _highest_fp32_precision() -> Iterator[None]:
             torch.backends.cudnn.allow_tf32 = cudnn
 
 
-def fp32_call(model: nn.Module, fn, *, whole: bool = False):
+def fp32_call(model: nn.Module, fn: Callable[[], T]) -> T:
     """``fn()`` with ``model`` evaluated in fp32 block by block (see the module docstring); the model is left
-    bit-identical. A forward that fails block by block is retried with every tensor upcast at once
-    (``whole=True`` starts there); one that fails that way too raises `UpcastError`."""
+    bit-identical. A forward that fails block by block is retried with every tensor upcast at once; one that
+    fails that way too raises `UpcastError`."""
     with _highest_fp32_precision():
         if not low_precision(model):
             return fn()
-        if not whole:
-            try:
-                with _upcast_once(model, per_block=True):
-                    return fn()
-            except Exception:  # a block used outside its own call met an fp32 input: all tensors at once
-                pass
+        try:
+            with _upcast_once(model, per_block=True):
+                return fn()
+        except Exception:  # a block used outside its own call met an fp32 input: all tensors at once
+            pass
         try:
             with _upcast_once(model, per_block=False):
                 return fn()

@@ -246,3 +246,11 @@ def test_any_failure_of_the_graph_cross_check_falls_back_to_the_module_structure
     assert any("module-structure path used: TypeError: injected" in n for n in s.notes)
     assert any(n.startswith("probe: all") for n in s.notes)
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+
+
+def test_an_experts_forward_of_unknown_convention_is_named_not_driven(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("surgery.expert_check"), "_SORTED", set())
+    s = analyze(tiny_model("llama4_text"), cross_check=False)  # its forward(hidden) is no longer declared
+    assert not any(" modules driven one by one" in n for n in s.notes)
+    undriven = [n for n in s.notes if n.startswith("probe: experts not driven one by one")]
+    assert len(undriven) == 2 and all("Llama4TextExperts" in n for n in undriven)
