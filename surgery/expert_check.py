@@ -1,12 +1,12 @@
 """Drive every expert directly: each expert's function checked on its own tokens, whatever the router picks.
 
-The logits check feeds 2 x 16 token ids; a router sends them to some experts only (21-31 of 64 per layer,
-top-2), so a wrong move in an expert no token reaches passed it (2e-7) and changed the function on other
-inputs (7.4e-3). Here each experts module's own forward (eager, grouped or batched, whichever the config
-picks) is called with the routing forced: ``m`` seeded tokens per expert, token ``t`` sent to expert
-``t // m`` with weight 1, so every expert's output is seen on its own tokens, in fp32 (`surgery.upcast`;
-the module's fp32 copy exists only during the call). A check compares those outputs before and after a
-change, expert by expert, and names the experts whose function moved.
+The logits check feeds 2 x 16 token ids; a router sends them to some experts only (28-34 of 64 per layer at
+top-2 on the tiny test models), so a wrong move in an expert no token reaches passed it (issue #22: 2e-7) and
+changed the function on other inputs (7.4e-3). Here each experts module's own forward (eager, grouped or
+batched, whichever the config picks) is called with the routing forced: ``m`` seeded tokens per expert,
+token ``t`` sent to expert ``t // m`` with weight 1, so every expert's output is seen on its own tokens, in
+fp32 (`surgery.upcast`; the module's fp32 copy exists only during the call). A check compares those outputs
+before and after a change, expert by expert, and names the experts whose function moved.
 
 Calling conventions (transformers 5): ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``
 (every family with a router outside its experts module; gpt-oss names them router_indices /
