@@ -258,8 +258,14 @@ def apply_plan(
     with transaction(model, "applying an S2 plan"):
         certificate = None
         if verify:
+            moved = [c for c, _ in items]
             cert = verify_function(
-                model, lambda: apply_permutations(model, items), n_inputs=n_inputs, seq_len=seq_len, journaled=True
+                model,
+                lambda: apply_permutations(model, items),
+                n_inputs=n_inputs,
+                seq_len=seq_len,
+                journaled=True,
+                moved=moved,
             )
             certificate = cert.to_dict()
         else:
@@ -282,7 +288,9 @@ def unapply_plan(model: torch.nn.Module, *, verify: bool = True) -> S2Plan:
     items = [(c, inverse(perm)) for c, perm in _plan_couplings(model, plan, None)]
     with transaction(model, "undoing an S2 plan"):
         if verify:
-            verify_function(model, lambda: apply_permutations(model, items), journaled=True)
+            verify_function(
+                model, lambda: apply_permutations(model, items), journaled=True, moved=[c for c, _ in items]
+            )
         else:
             apply_permutations(model, items)
         record_of(model).plan = None

@@ -2,10 +2,15 @@
 
 `compare_logits` is the one comparison of logits the project makes (verification and the probe use it).
 
-Precision: the check runs in the model's own dtype. fp32 models must agree to ``atol_rel`` (default
-1e-4 of the logit scale); bf16/fp16 models use a looser per-dtype tolerance (recorded in the
-certificate) because reordered sums round differently. Upcasting a copy would double memory on large
-models, and a permutation moves values bit-exactly, so a dtype-level tolerance is enough to catch errors.
+Precision: the check computes in fp32 whatever dtype the model is stored in (`surgery.upcast`: block by
+block, never a full fp32 copy). A permutation moves values bit-exactly, so a correct plan differs only by the
+rounding of reordered sums, ~1e-6 of the logit scale in fp32; in bf16 that rounding reached 1e-2 and a
+per-dtype tolerance of 3e-2 passed real errors (two swapped Down columns in the last of 24 layers, a k bias
+not moved with its heads). One tolerance (1e-4 of the logit scale; 1e-8 for fp64 models) therefore holds
+in every dtype, and the certificate records the dtype the check ran in and the difference it measured.
+
+Experts: the logits reach only the experts the router sends 2 x 16 tokens to, so every experts module a
+change touches is also driven expert by expert (`surgery.expert_check`) and each expert's output compared.
 """
 
 from __future__ import annotations
@@ -13,14 +18,17 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from surgery.expert_check import compare_experts, expert_outputs, experts_to_drive
 from surgery.permute import storage_key
+from surgery.structures import Coupling
 from surgery.tokens import draw_token_ids, reserved_token_ids
 from surgery.transaction import deferred_interrupts, transaction
+from surgery.upcast import fp32_call
 
 
 class Snapshot:
@@ -46,8 +54,9 @@ class Snapshot:
         return len(self._saved)
 
 
-# Relative tolerance per dtype (max |Δlogits| / max |logits|).
-DTYPE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+# Relative tolerance per dtype a check computes in (max |Δlogits| / max |logits|): fp32 for every model stored
+# in fp32, bf16 or fp16 (`surgery.upcast`), fp64 for fp64 models.
+DTYPE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 
 
 class VerificationError(RuntimeError):
@@ -56,7 +65,13 @@ class VerificationError(RuntimeError):
 
 @dataclass
 class Certificate:
-    """Evidence that a mutation kept the function: inputs used, measured difference, verdict."""
+    """Evidence that a mutation kept the function: inputs used, measured differences, verdict.
+
+    ``dtype`` is the model's storage dtype, ``check_dtype`` the dtype the logits and experts were computed in;
+    ``rel_diff`` and ``experts_rel_diff`` are the measured differences (relative to the logit scale / to each
+    expert's output scale), both held to ``tolerance``. ``experts_checked`` experts were driven one by one;
+    ``experts_not_driven`` names experts modules the change touched whose forward could not be driven.
+    """
 
     passed: bool
     max_abs_diff: float
@@ -68,6 +83,10 @@ class Certificate:
     seq_len: int
     seed: int
     seconds: float
+    check_dtype: str = "float32"
+    experts_checked: int = 0
+    experts_rel_diff: float = 0.0
+    experts_not_driven: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,12 +139,13 @@ def logits_of(out: Any) -> torch.Tensor:
 
 
 def forward_logits(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits on ``inputs`` as float64, without gradients or a KV cache."""
+    """The model's logits on ``inputs`` as float64, computed in fp32 (or fp64) whatever the model's dtype
+    (`surgery.upcast`), without gradients or a KV cache; the model is left bit-identical."""
     kwargs = dict(inputs)
     if hasattr(getattr(model, "config", None), "use_cache"):
         kwargs.setdefault("use_cache", False)
     with torch.no_grad():
-        return logits_of(model(**kwargs)).detach().double()
+        return fp32_call(model, lambda: logits_of(model(**kwargs)).detach().double())
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -176,10 +196,15 @@ def compare_logits(before: torch.Tensor, after: torch.Tensor, tolerance: float) 
     return Comparison(diff, diff / max(scale, 1e-12), scale, tolerance, finite)
 
 
+def check_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a check of ``model`` computes in: fp64 for an fp64 model, fp32 for every other."""
+    return torch.float64 if model_dtype(model) == torch.float64 else torch.float32
+
+
 def tolerance_for(model: torch.nn.Module, atol_rel: float | None = None) -> tuple[torch.dtype, float]:
-    """The model's dtype and the relative tolerance a check of it uses (``atol_rel`` or `DTYPE_TOLERANCE`)."""
-    dtype = model_dtype(model)
-    return dtype, DTYPE_TOLERANCE.get(dtype, 1e-4) if atol_rel is None else float(atol_rel)
+    """The dtype a check of ``model`` computes in and its relative tolerance (``atol_rel`` or `DTYPE_TOLERANCE`)."""
+    dtype = check_dtype(model)
+    return dtype, DTYPE_TOLERANCE[dtype] if atol_rel is None else float(atol_rel)
 
 
 def verify_function(
@@ -193,17 +218,22 @@ def verify_function(
     inputs: Mapping[str, torch.Tensor] | None = None,
     restore: Iterable[torch.Tensor] | None = None,
     journaled: bool = False,
+    moved: Iterable[Coupling] = (),
 ) -> Certificate:
     """Run ``mutate()`` between two seeded forwards and certify the logits did not change, or undo it.
 
     Runs in the model's transaction (`surgery.transaction`). ``journaled=True`` says ``mutate`` journals its own
     changes there (as `surgery.permute.apply_permutations` does), so undoing needs no copy of the weights;
     otherwise the tensors ``mutate`` may touch (``restore``, default: every parameter and buffer) are copied
-    first and put back bit-exactly if it raises or the check fails (`VerificationError`). ``atol_rel``
-    defaults to the dtype's entry in `DTYPE_TOLERANCE`. Eval mode during the check; training flags restored.
+    first and put back bit-exactly if it raises or the check fails (`VerificationError`). ``moved`` names the
+    couplings ``mutate`` moves: the experts modules holding per-expert ones are also driven expert by expert
+    (`surgery.expert_check`), so an expert no input token reaches is checked too. Logits and experts are
+    computed in fp32 (fp64 for fp64 models); ``atol_rel`` defaults to that dtype's entry in `DTYPE_TOLERANCE`.
+    Eval mode during the check; training flags restored.
     """
     t0 = time.perf_counter()
     dtype, tol = tolerance_for(model, atol_rel)
+    driven, not_driven = experts_to_drive(model, moved)
     if inputs is None:
         inputs = make_inputs(model, n_inputs, seq_len, seed)
     else:
@@ -211,28 +241,44 @@ def verify_function(
         n_inputs, seq_len = int(first.shape[0]), int(first.shape[-1])
     with transaction(model, "a verified change") as txn, eval_mode(model):
         before = forward_logits(model, inputs)
+        experts_before = [expert_outputs(model, d, seed=seed) for d in driven]
         if not journaled:
             snap = Snapshot([*model.parameters(), *model.buffers()] if restore is None else restore)
             txn.on_rollback(snap.restore, "the verified change")
         mutate()
         cmp = compare_logits(before, forward_logits(model, inputs), tol)
+        experts_after = [expert_outputs(model, d, seed=seed) for d in driven]
+        ecmp = compare_experts(driven, experts_before, experts_after, tol)
         cert = Certificate(
-            passed=cmp.passed,
+            passed=cmp.passed and ecmp.passed,
             max_abs_diff=cmp.max_abs_diff,
             rel_diff=cmp.rel_diff,
             logit_scale=cmp.logit_scale,
             tolerance=tol,
-            dtype=str(dtype).replace("torch.", ""),
+            dtype=str(model_dtype(model)).replace("torch.", ""),
             n_inputs=n_inputs,
             seq_len=seq_len,
             seed=seed,
             seconds=time.perf_counter() - t0,
+            check_dtype=str(dtype).replace("torch.", ""),
+            experts_checked=ecmp.checked,
+            experts_rel_diff=ecmp.rel_diff,
+            experts_not_driven=not_driven,
         )
-        if not cert.passed:
+        if not cmp.passed:
             raise VerificationError(
                 f"surgery changed the model's function: max |Δlogits| {cmp.max_abs_diff:.3e} = {cmp.rel_diff:.3e} of "
-                f"the logit scale {cmp.logit_scale:.3e} (tolerance {tol:.1e}, {cert.dtype}, finite={cmp.finite}); "
-                "the model was restored. This means a permutation was not legal for this architecture: check its "
-                "structures."
+                f"the logit scale {cmp.logit_scale:.3e} (tolerance {tol:.1e}, computed in {cert.check_dtype} for a "
+                f"{cert.dtype} model, finite={cmp.finite}); the model was restored. This means a permutation was "
+                "not legal for this architecture: check its structures."
+            )
+        if not ecmp.passed:
+            shown = "; ".join(ecmp.detail[:6]) + ("; ..." if len(ecmp.detail) > 6 else "")
+            raise VerificationError(
+                f"surgery changed the function of {len(ecmp.failed)} expert(s), each driven with its own "
+                f"tokens whatever the router picks: {shown} (tolerance {tol:.1e}, computed in {cert.check_dtype}); "
+                "the logits on the check's inputs stayed within tolerance because the router sent their tokens "
+                "elsewhere. The model was restored. A permutation of these experts' channels was not legal: check "
+                "their layout."
             )
     return cert

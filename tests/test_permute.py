@@ -280,7 +280,10 @@ def test_verify_bf16_and_training_flags():
     c = analyze(model)["model.layers.1.mlp"]
     perm = list(reversed(range(c.size)))
     cert = verify_function(model, lambda: permute_coupling(model, c, perm), n_inputs=1, seq_len=8, seed=3)
-    assert cert.passed and cert.dtype == "bfloat16" and cert.tolerance > 1e-4 and cert.n_inputs == 1
+    assert cert.passed and cert.n_inputs == 1
+    # a bf16 model is checked in fp32 at the fp32 tolerance (surgery.upcast); a correct plan measures ~1e-7
+    assert (cert.dtype, cert.check_dtype, cert.tolerance) == ("bfloat16", "float32", 1e-4) and cert.rel_diff < 1e-5
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.training and not model.model.layers[0].training and model.model.layers[1].training
 
 

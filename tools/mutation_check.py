@@ -128,6 +128,22 @@ MUTATIONS = (
         'txn.step(lambda: None, f"the move of {m.param}")',
         ("tests/test_transactions.py", "tests/test_permute.py"),
     ),
+    Mutation(
+        "own-dtype-check",
+        "a bf16 model is checked in its own dtype (not upcast to fp32)",
+        "surgery/upcast.py",
+        "        if not low_precision(model):\n            return fn()",
+        "        if True:\n            return fn()",
+        ("tests/test_verify_dtype.py",),
+    ),
+    Mutation(
+        "experts-not-driven",
+        "a changed expert output is not counted as a failure",
+        "surgery/expert_check.py",
+        '                failed.append(f"{d.path}[{e}]")',
+        "                pass",
+        ("tests/test_verify_dtype.py",),
+    ),
 )
 
 
