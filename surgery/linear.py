@@ -1,9 +1,10 @@
 """nn.Linear, transformers' Conv1D and one expert of a 3-D MoE weight seen alike: logical ``[out, in]`` weights.
 
 GPT-2's ``Conv1D`` stores its weight ``[in, out]`` (transposed); MoE experts store tensors whose expert ``e`` acts
-as one linear map (``[experts, out, in]``, transposed or stacked 2-D: `surgery.expert_storage`). Everything in this project that slices rows or columns
-works on the logical ``[out, in]`` view these helpers give, so all three are handled in one place. Expert
-``e`` of parameter ``p`` of experts module ``m`` is named ``"m.p[e]"`` in plans and adapters.
+as one linear map (``[experts, out, in]``, transposed or stacked 2-D: `surgery.expert_storage`). Everything in
+this project that slices rows or columns works on the logical ``[out, in]`` view these helpers give, so all three
+are handled in one place. Expert ``e`` of parameter ``p`` of experts module ``m`` is named ``"m.p[e]"`` in plans
+and adapters.
 """
 
 from __future__ import annotations
