@@ -1,12 +1,12 @@
-"""MoE experts: where each family stores its experts' weights, and the couplings that follow.
+"""MoE experts: the couplings of each experts module in its family's layout (`surgery.expert_storage`).
 
 A layout says, for one experts module, which tensors hold the gate / up / down weights of every expert, on
 which axis each expert's intermediate channels lie, whether gate and up alternate channel by channel, and
 where the biases are. transformers declares most layouts itself (`use_experts_implementation` sets
 ``is_transposed`` / ``is_concatenated`` / ``has_bias`` / ``has_gate`` on the module); families without those
-flags are declared here by class name (`_DECLARED`) after reading their source; any other module is accepted
-only in the plain ``[E, 2I, H]`` / ``[E, H, I]`` layout. Every layout is proved by the probe: a mis-declared
-one moves channels that are not coupled and fails it.
+flags are declared in `surgery.expert_storage` by class name after reading their source; any other module is
+accepted only in the plain ``[E, 2I, H]`` / ``[E, H, I]`` layout. Every layout is proved by the probe: a
+mis-declared one moves channels that are not coupled and fails it.
 
 Legal moves (docs/ARCHITECTURE.md, "MoE experts"): any permutation of one expert's channels applied to its
 gate and up rows (and biases) and its down columns. Experts themselves never move: a plan trains channels
@@ -14,8 +14,10 @@ inside experts, never reorders experts, so routers, routing-correction biases (`
 buffers or parameters) and expert groups (``n_group``) stay valid by construction. The experts coupling
 (router rows + whole experts) is kept as a record for audits and is never permuted by plans or the probe.
 
-Only the plain layout trains today (`s2ft_lightning.experts` adds its correction to the module's own
-forward); other layouts are analysed and proved, and their experts stay frozen with the reason named.
+Every declared layout trains (plain, transposed, interleaved with biases and gpt-oss's clamped activation,
+stacked 2-D): `s2ft_lightning.experts` adds its correction to the module's own forward. Experts whose
+activation or structure is not declared (`surgery.expert_storage.untrainable`: a custom gate, no gate, no
+act_fn, post-expert norms) are analysed and proved, and stay frozen with the reason named.
 """
 
 from __future__ import annotations
