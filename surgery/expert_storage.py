@@ -10,7 +10,8 @@ A fused gate/up is concatenated ``[gates | ups]`` or interleaved per channel ``[
 
 Activation ``h = f(g, u)`` per intermediate channel (`activation`): ``act(g)·u`` for transformers' default gate
 and for the declared forwards that compute it (Llama-4's and Aria's ``act_fn``, DBRX's ``activation_fn``);
-gpt-oss's clamped SwiGLU (``g ≤ limit``, ``|u| ≤ limit``, ``h = (u + 1)·g·σ(α·g)``), declared by class. Any
+gpt-oss's clamped SwiGLU (``g ≤ limit``, ``|u| ≤ limit``, ``h = (u + 1)·g·σ(α·g)``; also OpenAI's privacy
+filter, on concatenated gate/up), declared by class. Any
 other gate is unknown, and its experts stay frozen with that reason (`untrainable`): never a guessed function.
 A gate read from ``_apply_gate`` is also checked numerically against the declared activation.
 
@@ -167,7 +168,10 @@ def _gpt_oss(module: nn.Module) -> Activation:
 
 
 # Experts classes with their own `_apply_gate` whose activation is declared here (read from the source).
-_GATES: dict[str, Callable[[nn.Module], Activation]] = {"GptOssExperts": _gpt_oss}
+_GATES: dict[str, Callable[[nn.Module], Activation]] = {
+    "GptOssExperts": _gpt_oss,
+    "OpenAIPrivacyFilterExperts": _gpt_oss,  # the same clamped SwiGLU on concatenated [gates | ups]
+}
 
 
 def _gate_matches(module: nn.Module, storage: ExpertStorage, f: Activation) -> bool:

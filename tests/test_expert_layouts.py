@@ -283,3 +283,29 @@ def test_dbrx_experts_called_differently_fail_loudly(monkeypatch):
     )
     with pytest.raises(RuntimeError, match="not one expert of it"):
         _logits(model, make_inputs(model, 1, 8, seed=0))
+
+
+def test_the_privacy_filter_declares_the_same_clamped_gate_on_concatenated_experts():
+    """OpenAI's privacy filter (an encoder) has gpt-oss's clamped SwiGLU on concatenated gate/up: declared, checked
+    against its _apply_gate, and exact (the loss reads its last hidden state through a fixed projection)."""
+    model = perturb(tiny_model("openai_privacy_filter", swiglu_limit=0.3), seed=1, scale=0.05)
+    plan = prepare_model(model, S2)
+    assert plan.certificate["passed"] and any("experts.gate_up_proj[" in n for n in layers.installed(model))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in layers.block_parameters(model):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    reference = copy.deepcopy(model)
+    layers.uninstall(reference, merge=True)
+    reference.requires_grad_(True)
+    ids = make_inputs(model, 2, 12, seed=3)["input_ids"]
+    probe = torch.randn(model.config.hidden_size, generator=g)
+    for m in (model, reference):
+        (m(input_ids=ids).last_hidden_state @ probe).square().mean().backward()
+    assert _grads_rel(model, reference) <= 1e-5
+    fresh = perturb(tiny_model("openai_privacy_filter", swiglu_limit=0.3), seed=1, scale=0.05)
+    merge_adapter(fresh, extract_adapter(model, plan))
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+        got = fresh(input_ids=ids).last_hidden_state
+    assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
