@@ -231,8 +231,10 @@ class MultiAdapterModel(nn.Module):
             used = [a for a in self._active if per_adapter[a]] if self._slots is not None else []
             if not used:
                 return None
-            hidden, index, weights, token = routing(holder, storage_of(holder), args, kwargs, call)
-            rows, tokens = self._slots.shape[0], int(token.max()) + 1 if token.numel() else 0
+            storage = storage_of(holder)
+            hidden, index, weights, token = routing(holder, storage, args, kwargs, call)
+            rows = self._slots.shape[0]
+            tokens = hidden.shape[0] // (storage.experts if call == "scaled_inputs" else 1)  # no device sync
             if tokens % rows:
                 raise RuntimeError(f"{holder_name}: {tokens} tokens do not split into {rows} batch rows")
             token_slot = self._slots.repeat_interleave(tokens // rows)[token]  # experts see (rows·T, H)
