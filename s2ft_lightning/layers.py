@@ -156,6 +156,7 @@ def _validate(
             with contextlib.suppress(AttributeError):  # reported below as a module that is not in the model
                 mods[name] = resolve_linear(model, name)
     found: dict[str, nn.Module] = {}
+    checked: set[int] = set()
     for name, slices in by_module.items():
         if name not in mods:
             close = [m for m in mods if m.endswith(name.split(".")[-1])][:3]
@@ -167,10 +168,11 @@ def _validate(
         if not (isinstance(mod, (nn.Linear, ExpertLinear)) or is_conv1d(mod)):
             raise S2InstallError(
                 f"module {name!r} is a {type(mod).__name__}; S2 blocks can only be installed on nn.Linear, "
-                "transformers Conv1D or 3-D MoE expert weights"
+                "transformers Conv1D or MoE expert weights"
             )
-        if isinstance(mod, ExpertLinear):
+        if isinstance(mod, ExpertLinear) and id(mod.owner) not in checked:  # once per experts module
             check_experts(mod.owner, name.rsplit(".", 1)[0])
+            checked.add(id(mod.owner))
         out_f, in_f = logical_shape(mod)
         if len({s.feature for s in slices}) > 1:
             raise S2InstallError(f"module {name!r} has both row and column blocks; use one feature per module")

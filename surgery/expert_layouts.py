@@ -1,12 +1,12 @@
-"""MoE experts: where each family stores its experts' weights, and the couplings that follow.
+"""MoE experts: the couplings of each experts module in its family's layout (`surgery.expert_storage`).
 
 A layout says, for one experts module, which tensors hold the gate / up / down weights of every expert, on
 which axis each expert's intermediate channels lie, whether gate and up alternate channel by channel, and
 where the biases are. transformers declares most layouts itself (`use_experts_implementation` sets
 ``is_transposed`` / ``is_concatenated`` / ``has_bias`` / ``has_gate`` on the module); families without those
-flags are declared here by class name (`_DECLARED`) after reading their source; any other module is accepted
-only in the plain ``[E, 2I, H]`` / ``[E, H, I]`` layout. Every layout is proved by the probe: a mis-declared
-one moves channels that are not coupled and fails it.
+flags are declared in `surgery.expert_storage` by class name after reading their source; any other module is
+accepted only in the plain ``[E, 2I, H]`` / ``[E, H, I]`` layout. Every layout is proved by the probe: a
+mis-declared one moves channels that are not coupled and fails it.
 
 Legal moves (docs/ARCHITECTURE.md, "MoE experts"): any permutation of one expert's channels applied to its
 gate and up rows (and biases) and its down columns. Experts themselves never move: a plan trains channels
@@ -14,8 +14,10 @@ inside experts, never reorders experts, so routers, routing-correction biases (`
 buffers or parameters) and expert groups (``n_group``) stay valid by construction. The experts coupling
 (router rows + whole experts) is kept as a record for audits and is never permuted by plans or the probe.
 
-Only the plain layout trains today (`s2ft_lightning.experts` adds its correction to the module's own
-forward); other layouts are analysed and proved, and their experts stay frozen with the reason named.
+Every declared layout trains (plain, transposed, interleaved with biases and gpt-oss's clamped activation,
+stacked 2-D): `s2ft_lightning.experts` adds its correction to the module's own forward. Experts whose
+activation or structure is not declared (`surgery.expert_storage.untrainable`: a custom gate, no gate, no
+act_fn, post-expert norms) are analysed and proved, and stay frozen with the reason named.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .expert_storage import holder_path, storage_of, untrainable
 from .linear import expert_name, linear_shape
 from .structures import Coupling, Frozen, Member
 
@@ -44,66 +47,35 @@ class ExpertLayout:
     channels_last: bool  # gate/up are [E, H, 2I] and down [E, I, H] (transposed), not [E, 2I, H] / [E, H, I]
     interleaved: bool  # fused gate/up alternate per channel [g0, u0, g1, u1, ...] instead of [gates | ups]
     stacked: bool  # 2-D tensors [E*I, H] for gate, up and down (DBRX), experts one after another
-    frozen: str | None  # why its experts cannot train yet (None: `s2ft_lightning.experts` trains it)
-
-
-# Experts classes whose layout transformers does not declare, read from their transformers 5 source.
-_DECLARED = {
-    # gate_up_proj [E, H, 2I] (chunk: gates then ups), down_proj [E, I, H]; forward(hidden) with routing outside
-    "Llama4TextExperts": dict(gate_up="gate_up_proj", down="down_proj", channels_last=True),
-    # mlp.w1 (gate), mlp.v1 (up), mlp.w2 (down, used as h @ w2): each [E*I, H]
-    "DbrxExperts": dict(owner="mlp", gate="w1", up="v1", down="w2", stacked=True),
-}
-
-_ROUTER_HINT = "a router weight [experts, hidden] in the MoE block (e.g. gate, router, gate.wg, router.layer)"
+    frozen: str | None  # why its experts cannot train (None: `s2ft_lightning.experts` trains it)
 
 
 def _layout(finder: _Finder, experts_path: str) -> ExpertLayout | None:
     experts = finder.modules[experts_path]
-    declared = _DECLARED.get(type(experts).__name__)
-    if declared is not None:
-        d = {"gate_up": None, "gate": None, "up": None, "channels_last": False, "stacked": False, **declared}
-        owner = f"{experts_path}.{d.pop('owner')}" if "owner" in d else experts_path
-        return ExpertLayout(owner=owner, interleaved=False, frozen=_frozen_reason(experts, d), **d)
-    params = dict(experts.named_parameters(recurse=False))
-    if not any(p.dim() == 3 for p in params.values()):
-        return None
-    transposed = bool(getattr(experts, "is_transposed", False))
-    interleaved = getattr(experts, "is_concatenated", True) is False
-    gate_up = "gate_up_proj" if "gate_up_proj" in params else None
-    gate = "gate_proj" if gate_up is None and "gate_proj" in params else None
-    up = "up_proj" if gate_up is None and "up_proj" in params else None
-    if "down_proj" not in params or (gate_up is None and up is None):
+    rel = holder_path(experts)
+    owner = f"{experts_path}.{rel}" if rel else experts_path
+    holder = finder.modules.get(owner)
+    storage = storage_of(holder) if holder is not None else None
+    if storage is None:
+        params = dict(experts.named_parameters(recurse=False))
+        if not any(p.dim() == 3 for p in params.values()):
+            return None
         layer = finder.layer_of(experts_path)
         raise finder.fail(layer, experts_path, f"unknown expert weight layout: {sorted(params)}")
-    d = {"gate_up": gate_up, "gate": gate, "up": up, "channels_last": transposed, "stacked": False}
-    why = _frozen_reason(experts, {**d, "interleaved": interleaved})
-    return ExpertLayout(owner=experts_path, down="down_proj", interleaved=interleaved, frozen=why, **d)
+    return ExpertLayout(
+        owner=owner,
+        gate_up=storage.gate_up,
+        gate=storage.gate,
+        up=storage.up,
+        down=storage.down,
+        channels_last=storage.channels_last,
+        interleaved=storage.interleaved,
+        stacked=storage.stacked,
+        frozen=untrainable(holder, storage),
+    )
 
 
-def _frozen_reason(experts: nn.Module, layout: dict) -> str | None:
-    """Why `s2ft_lightning.experts` cannot train this layout yet; mirrors its install-time checks."""
-    name = type(experts).__name__
-    if layout.get("stacked"):
-        return f"{name} stores experts as 2-D [experts x intermediate, hidden] tensors"
-    if layout.get("channels_last"):
-        return f"{name} stores expert weights transposed ([experts, hidden, 2 x intermediate])" + (
-            " with gate/up interleaved per channel" if layout.get("interleaved") else ""
-        )
-    if layout.get("interleaved"):
-        return f"{name} interleaves gate and up per channel"
-    if layout.get("gate_up") is None and layout.get("gate") is None:
-        return f"{name} has no gate (up -> act -> down experts)"
-    if not callable(getattr(experts, "act_fn", None)):
-        return f"{name} has no act_fn (not act(gate) * up experts)"
-    if getattr(experts, "has_post_expert_norm", False):
-        return f"{name} normalises each expert's output"
-    if getattr(experts, "has_bias", False) and layout.get("gate_up") is None:
-        return f"{name} has biases on separate gate/up weights"
-    apply_gate = getattr(type(experts), "_apply_gate", None)
-    if apply_gate is not None and getattr(apply_gate, "__name__", "") != "_default_apply_gate":
-        return f"{name} gates with its own {name}._apply_gate (e.g. a clamped activation)"
-    return None
+_ROUTER_HINT = "a router weight [experts, hidden] in the MoE block (e.g. gate, router, gate.wg, router.layer)"
 
 
 def _router(finder: _Finder, path: str, experts_path: str, hidden: int, rows: int | None) -> list[tuple[str, int]]:
@@ -153,7 +125,11 @@ def _channel_members(finder: _Finder, layout: ExpertLayout, e: int, width: int) 
     def member(name: str, role: str, offset: int = 0, stride: int | None = None, down: bool = False) -> Member:
         full = finder.param_name[id(getattr(owner, name))]
         if layout.stacked:  # [E*I, H]: expert e's channels are rows e*I ... (e+1)*I - 1 of every tensor
-            return Member(full, 0, width, offset=e * width + offset, role=role)
+            module = expert_name(layout.owner, name, e) if trains else None
+            feature = ("in" if down else "out") if module is not None else None
+            start = e * width
+            return Member(full, 0, width, offset=start + offset, role=role, module=module, feature=feature,
+                          module_offset=start if module is not None else 0)  # fmt: skip
         if down:
             axis = 1 if layout.channels_last else 2
         else:
@@ -263,7 +239,7 @@ def find_experts(finder: _Finder, path: str) -> None:
                 name=experts_path,
                 layer=layer,
                 roles=("up", "down"),
-                reason=f"experts frozen: {layout.frozen}, which the S2 expert forward does not handle yet",
+                reason=f"experts frozen: {layout.frozen}",
             )
         )
     for n, child in finder.modules[path].named_children():

@@ -1,9 +1,10 @@
 """nn.Linear, transformers' Conv1D and one expert of a 3-D MoE weight seen alike: logical ``[out, in]`` weights.
 
-GPT-2's ``Conv1D`` stores its weight ``[in, out]`` (transposed); MoE experts store ``[experts, out, in]``
-tensors whose expert ``e`` acts as one linear map. Everything in this project that slices rows or columns
-works on the logical ``[out, in]`` view these helpers give, so all three are handled in one place. Expert
-``e`` of parameter ``p`` of experts module ``m`` is named ``"m.p[e]"`` in plans and adapters.
+GPT-2's ``Conv1D`` stores its weight ``[in, out]`` (transposed); MoE experts store tensors whose expert ``e`` acts
+as one linear map (``[experts, out, in]``, transposed or stacked 2-D: `surgery.expert_storage`). Everything in
+this project that slices rows or columns works on the logical ``[out, in]`` view these helpers give, so all three
+are handled in one place. Expert ``e`` of parameter ``p`` of experts module ``m`` is named ``"m.p[e]"`` in plans
+and adapters.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import re
 
 import torch
 from torch import nn
+
+from .expert_storage import storage_of
 
 try:  # transformers is optional for surgery's pure-torch parts; Conv1D only exists there
     from transformers.pytorch_utils import Conv1D
@@ -23,25 +26,33 @@ _EXPERT_NAME = re.compile(r"^(?P<owner>.+)\.(?P<param>[A-Za-z_]\w*)\[(?P<expert>
 
 
 class ExpertLinear:
-    """Expert ``expert`` of a 3-D expert parameter ``[experts, out, in]``, seen as one linear module.
+    """Expert ``expert`` of an experts tensor (`surgery.expert_storage`), seen as one linear module.
 
-    ``weight`` is a view: writes land in the 3-D tensor. Not an ``nn.Module``: it exists only as a name.
+    ``weight`` is its ``[out, in]`` view: writes land in the experts tensor. Not an ``nn.Module``: it exists
+    only as a name.
     """
 
     def __init__(self, owner: nn.Module, param: str, expert: int) -> None:
         self.owner, self.param, self.expert = owner, param, expert
+        self.storage = storage_of(owner)
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """This expert's ``[out, in]`` view of ``t``: the parameter, or a tensor shaped like it (its grad)."""
+        if self.storage is None:
+            return t[self.expert]
+        return self.storage.view(self.param, t, self.expert)
 
     @property
     def weight(self) -> torch.Tensor:
-        return getattr(self.owner, self.param)[self.expert]
+        return self.view(getattr(self.owner, self.param))
 
     @property
     def out_features(self) -> int:
-        return getattr(self.owner, self.param).shape[1]
+        return self.weight.shape[0]
 
     @property
     def in_features(self) -> int:
-        return getattr(self.owner, self.param).shape[2]
+        return self.weight.shape[1]
 
 
 def expert_name(owner: str, param: str, expert: int) -> str:
@@ -63,8 +74,12 @@ def resolve_linear(model: nn.Module, name: str) -> nn.Module | ExpertLinear:
     owner_name, param, expert = parts
     owner = model.get_submodule(owner_name)
     w = getattr(owner, param, None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 3 or not 0 <= expert < w.shape[0]:
-        raise AttributeError(f"{owner_name!r} has no 3-D expert parameter {param!r} with an expert {expert}")
+    storage = storage_of(owner)
+    experts = storage.experts if storage is not None and param in storage.params else None
+    if experts is None and isinstance(w, torch.Tensor) and w.dim() == 3:
+        experts = w.shape[0]
+    if not isinstance(w, torch.Tensor) or experts is None or not 0 <= expert < experts:
+        raise AttributeError(f"{owner_name!r} has no expert parameter {param!r} with an expert {expert}")
     return ExpertLinear(owner, param, expert)
 
 

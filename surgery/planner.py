@@ -70,7 +70,7 @@ def _member_slice(m: Member, perm: list[int], gperm: list[int], units: list[int]
     for old in units:
         new = inv[old]
         for a, b in zip(m.element_indices(new), m.element_indices(old)):
-            pos_to_orig[a] = b
+            pos_to_orig[a - m.module_offset] = b - m.module_offset  # in the module's own feature space
     runs = runs_of(pos_to_orig)
     original = [pos_to_orig[i] for s, e in runs for i in range(s, e)]
     return runs, original

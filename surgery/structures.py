@@ -32,6 +32,7 @@ class Member:
     module: str | None = None  # owning module name when the member is a feature axis of a linear
     feature: Feature | None = None  # which feature axis of ``module`` this is (in / out)
     fixed: tuple[tuple[int, int], ...] = ()  # (dim, index) pins, e.g. expert e of a 3-D tensor
+    module_offset: int = 0  # where ``module``'s feature 0 lies along ``axis`` (expert e of a 2-D [E*I, H]: e*I)
 
     @property
     def step(self) -> int:

@@ -12,15 +12,17 @@ _spec.loader.exec_module(census)
 
 def test_census_records_verified_partial_and_not_built_and_writes_the_report(tmp_path):
     work, docs = tmp_path / "work", tmp_path / "docs"
-    assert census.main(["--only", "llama", "gpt_oss", "no_such_type", "--work", str(work), "--docs", str(docs)]) == 0
+    only = ["llama", "gpt_oss", "mpt", "no_such_type"]
+    assert census.main(["--only", *only, "--work", str(work), "--docs", str(docs)]) == 0
     results = {r["model_type"]: r for r in json.loads((docs / "census.json").read_text())["results"]}
-    llama, gpt_oss = results["llama"], results["gpt_oss"]
+    llama, gpt_oss, mpt = results["llama"], results["gpt_oss"], results["mpt"]
     assert llama["status"] == "verified" and llama["round_trip_rel"] <= 1e-5 and llama["trainable"] > 0
-    assert gpt_oss["status"] == "partial" and set(gpt_oss["ratios"]) == {"o_ratio", "v_ratio"}
-    assert [f["name"] for f in gpt_oss["frozen"]] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert gpt_oss["status"] == "verified" and len(gpt_oss["ratios"]) == 4  # its experts train too
+    assert mpt["status"] == "partial" and set(mpt["ratios"]) == {"u_ratio", "d_ratio"}
+    assert [f["name"] for f in mpt["frozen"]] == ["transformer.blocks.0.attn", "transformer.blocks.1.attn"]
     assert results["no_such_type"]["status"] == "not built"
     text = (docs / "CENSUS.md").read_text()
-    assert "| verified | 1 |" in text and "| partial | 1 |" in text and "GptOssExperts stores expert weights" in text
+    assert "| verified | 2 |" in text and "| partial | 1 |" in text and "ALiBi / relative position bias" in text
     # resumable: a second run does not redo finished types
     before = (work / "llama.json").stat().st_mtime_ns
     census.main(["--only", "llama", "--work", str(work), "--docs", str(docs)])

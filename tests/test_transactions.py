@@ -337,3 +337,50 @@ def test_an_interrupt_at_any_line_of_preparation_leaves_the_model_whole(model_ty
         assert_same(model, before)
     plan = prepare_model(model, cfg)
     assert plan.certificate["passed"] and plan.slices == reference.slices
+
+
+# ---- experts in the declared layouts (transposed, interleaved, stacked 2-D): the same guarantee ---------------
+def _fail_on_expert_move(monkeypatch, skip: int, n: int, exc: type[BaseException]) -> list:
+    """Make the n-th move of an experts tensor after the first ``skip`` moves (the probe's) raise ``exc``."""
+    real, calls, hits = surgery.permute._apply_member, [], []
+
+    def wrapper(t, m, idx):
+        calls.append(1)
+        if len(calls) > skip and ".experts." in m.param:
+            hits.append(1)
+            if len(hits) == n:
+                raise exc("injected into an experts move")
+        return real(t, m, idx)
+
+    monkeypatch.setattr(surgery.permute, "_apply_member", wrapper)
+    return hits
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt], ids=["exception", "interrupt"])
+@pytest.mark.parametrize(
+    ("model_type", "stage"),
+    [("gpt_oss", "install"), ("dbrx", "install"), ("llama4_text", "permute"), ("dbrx", "permute")],
+)
+def test_declared_expert_layouts_fail_whole(model_type, stage, exc, monkeypatch):
+    """A failure while moving transposed / stacked experts tensors, or while swapping in their S2 forward (the
+    second experts module), leaves the model bit-identical and preparable."""
+    from s2ft_lightning import experts
+    from surgery.analyze import analyze
+
+    cfg = S2Config(o_ratio=0.5, d_ratio=0.25, u_ratio=0.25, seed=1)
+    model = tiny_model(model_type)
+    before = whole_state(model)
+    if stage == "install":
+        _fail_on_call(monkeypatch, layers, "attach_expert_blocks", 2, exc)
+    else:
+        probe = _fail_on_call(monkeypatch, surgery.permute, "_apply_member", 10**9, RuntimeError)
+        analyze(tiny_model(model_type))
+        monkeypatch.undo()
+        _fail_on_expert_move(monkeypatch, len(probe), 5, exc)
+    with pytest.raises(exc, match="injected"):
+        prepare_model(model, cfg)
+    assert_same(model, before)
+    assert not any(isinstance(m, experts.S2ExpertsMixin) for m in model.modules())
+    monkeypatch.undo()
+    assert prepare_model(model, cfg).certificate["passed"]
+    assert any(isinstance(m, experts.S2ExpertsMixin) for m in model.modules())

@@ -113,6 +113,22 @@ MUTATIONS = (
         ("tests/test_experts.py",),
     ),
     Mutation(
+        "expert-clamp",
+        "gpt-oss's clamped gate is corrected as if linear in the Up delta",
+        "surgery/expert_storage.py",
+        "    f.linear_in_up = False  # clamped: the Up rows' change is computed as h(u + du) − h(u)",
+        "    f.linear_in_up = True",
+        ("tests/test_expert_layouts.py",),
+    ),
+    Mutation(
+        "expert-interleave",
+        "interleaved gate/up (gpt-oss) read as Up row 2c instead of 2c + 1",
+        "surgery/expert_storage.py",
+        "        return 2 * channels + 1 if self.interleaved else channels + self.width",
+        "        return 2 * channels if self.interleaved else channels + self.width",
+        ("tests/test_expert_layouts.py",),
+    ),
+    Mutation(
         "lora-export-indices",
         "the LoRA export's one-hot columns come in reverse order",
         "s2ft_lightning/adapters/peft_export.py",

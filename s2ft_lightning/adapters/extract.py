@@ -20,7 +20,7 @@ from s2ft_lightning.deltas import DeltaBlocks
 from s2ft_lightning.experts import ExpertBlocks
 from s2ft_lightning.sharding import full
 from s2ft_lightning.state import S2State
-from surgery.linear import logical_weight, split_expert_name
+from surgery.linear import logical_weight, resolve_linear, split_expert_name
 from surgery.plan import S2Plan, model_fingerprint
 
 
@@ -128,23 +128,36 @@ def extract_adapter(
     return adapter
 
 
-MODEL_FACTS = ("architecture", "encoder_decoder", "expert_counts")
+MODEL_FACTS = ("architecture", "encoder_decoder", "expert_counts", "expert_storage")
 
 
 def model_facts(model: torch.nn.Module, modules) -> dict:
     """What a LoRA export needs to know about the base beyond the blocks: its architecture (PEFT's task type
-    follows from it) and the expert count of every 3-D expert tensor the adapter touches (experts that trained
-    nothing have no block, so the blocks alone undercount them)."""
+    follows from it), the expert count of every experts tensor the adapter touches (experts that trained
+    nothing have no block, so the blocks alone undercount them) and how non-plain experts tensors store one
+    expert: ``stored`` ``"in_out"`` (transposed), ``stacked`` (2-D ``[E·I, H]``) and ``flags_transposed``
+    (the module declares ``is_transposed``, which PEFT reads)."""
     facts: dict = {
         "architecture": type(model).__name__,
         "encoder_decoder": bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)),
     }
-    experts = {}
+    experts, storage = {}, {}
     for name in modules:
-        split = split_expert_name(name)
-        if split is not None:
-            owner, param, _ = split
-            experts[f"{owner}.{param}"] = int(getattr(model.get_submodule(owner), param).shape[0])
+        if split_expert_name(name) is None:
+            continue
+        lin = resolve_linear(model, name)
+        key = name.rpartition("[")[0]
+        st = lin.storage
+        experts[key] = int(st.experts if st is not None else getattr(lin.owner, lin.param).shape[0])
+        if st is not None and (st.channels_last or st.stacked):
+            transposed = st.channels_last or lin.param == st.down  # DBRX's w2 rows are down's input channels
+            storage[key] = {
+                "stored": "in_out" if transposed else "out_in",
+                "stacked": st.stacked,
+                "flags_transposed": bool(getattr(lin.owner, "is_transposed", False)),
+            }
+    if storage:
+        facts["expert_storage"] = storage
     if experts:
         facts["expert_counts"] = experts
     return facts

@@ -31,10 +31,10 @@ class FusionReport:
         return f"overlaps resolved by {self.mode}: " + "; ".join(parts)
 
 
-def _expert_counts(adapters: Sequence[Adapter]) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _expert_facts(adapters: Sequence[Adapter], key: str) -> dict:
+    out: dict = {}
     for a in adapters:
-        out.update(a.metadata.get("expert_counts") or {})
+        out.update(a.metadata.get(key) or {})
     return out
 
 
@@ -132,7 +132,7 @@ def fuse_adapters(
         metadata={
             # the base's facts (one base: the fingerprints agree), for the LoRA export
             **{k: first.metadata[k] for k in ("architecture", "encoder_decoder") if k in first.metadata},
-            **({"expert_counts": counts} if (counts := _expert_counts(items)) else {}),
+            **{k: facts for k in ("expert_counts", "expert_storage") if (facts := _expert_facts(items, k))},
             "fused_from": names,
             "weights": weights,
             "overlap": overlap,

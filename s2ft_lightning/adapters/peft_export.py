@@ -13,6 +13,12 @@ MoE experts stored as 3-D tensors ``[E, out, in]`` become PEFT ``target_paramete
 a rank r shared by its experts (the largest expert's block, the others zero-padded, experts that trained nothing
 all zeros). PEFT reads ``lora_A`` ``(E·r, in)`` as ``[E, r, in]`` (expert-major) but ``lora_B`` ``(out, r·E)`` as
 ``[out, r, E]`` (expert-minor), so E must be the tensor's expert count, which the adapter records at extraction.
+PEFT reads a 3-D tensor as ``[E, in, out]`` when its module declares ``is_transposed`` (gpt-oss, Aria) and as
+``[E, out, in]`` otherwise, so a transposed tensor without the flag (Llama-4) gets each expert's factors
+transposed (``(BA)ᵀ = AᵀBᵀ``); the adapter records these storage facts at extraction (``expert_storage``).
+DBRX's stacked 2-D tensors are refused by name: PEFT applies a ``target_parameters`` LoRA while the module holding
+the tensor runs, but ``DbrxExperts`` reads ``mlp.w1 / v1 / w2`` itself and passes views into ``mlp(...)``, so
+under PEFT's wrapper it cannot even find them.
 
 PEFT's ``task_type`` follows the base's architecture, also recorded at extraction (a causal LM, a classifier, an
 encoder-decoder; none for a masked LM or a bare encoder, which PEFT serves with its plain ``PeftModel``).
@@ -116,8 +122,14 @@ def lora_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor
     }
     for key, members in _expert_params(adapter).items():
         per = {e: _module_factors(adapter, m) for e, m in members.items()}
-        n, r = expert_count(adapter, key, members), max(a.shape[0] for a, _ in per.values())
-        out_f, in_f = adapter.module_shapes[members[max(per)]]
+        n = expert_count(adapter, key, members)
+        storage = (adapter.metadata.get("expert_storage") or {}).get(key, {})
+        if storage.get("stored") == "in_out" and not storage.get("flags_transposed"):
+            # PEFT reads this expert's slice as [out, in] but it holds the logical weight transposed:
+            # (B A)ᵀ = Aᵀ Bᵀ, so PEFT's factors are A' = Bᵀ and B' = Aᵀ
+            per = {e: (b.t(), a.t()) for e, (a, b) in per.items()}
+        r = max(a.shape[0] for a, _ in per.values())
+        out_f, in_f = per[min(per)][1].shape[0], per[min(per)][0].shape[1]
         a3, b3 = torch.zeros(n, r, in_f), torch.zeros(out_f, r, n)
         for e, (a, b) in per.items():
             a3[e, : a.shape[0]] = a
@@ -129,7 +141,7 @@ def lora_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor
 # Declaration order of the 3-D parameters in transformers' experts modules. PEFT wraps a module once per
 # targeted parameter in this order, each wrapper around the last, so the first is the innermost and its keys
 # carry one ``base_layer.`` per parameter wrapped after it.
-_EXPERT_PARAM_ORDER = ("gate_up_proj", "down_proj")
+_EXPERT_PARAM_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _peft_keys(keys: list[str], expert_params: list[str]) -> dict[str, str]:
@@ -189,7 +201,15 @@ def export_peft_lora(
     ``task_type`` "auto" follows the base's architecture (`task_type_of`), None writes no task type.
     """
     experts = _expert_params(adapter)
+    storage = adapter.metadata.get("expert_storage") or {}
     for key in experts:
+        if storage.get(key, {}).get("stacked"):
+            raise AdapterError(
+                f"{key!r}: PEFT cannot serve a LoRA on stacked 2-D experts tensors (DBRX): its target_parameters "
+                "LoRA is applied while the module holding the tensor runs, but DbrxExperts reads mlp.w1/v1/w2 "
+                "itself and passes views into mlp(...); serve this adapter with MultiAdapterModel or merge it "
+                "into the base (s2ft adapter merge)"
+            )
         if key.rpartition(".")[2] not in _EXPERT_PARAM_ORDER:
             raise AdapterError(
                 f"{key!r}: PEFT LoRA export knows the expert parameters {_EXPERT_PARAM_ORDER}, not this one; "

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from s2ft_lightning.adapters.format import Adapter, AdapterError, check_base, get_module, module_kind
-from s2ft_lightning.experts import ExpertDeltas, expert_correction
+from s2ft_lightning.experts import ExpertDeltas, expert_correction, routing
 from s2ft_lightning.ops import backend_for
+from surgery.expert_storage import storage_of
 from surgery.linear import logical_weight, split_expert_name
 
 
@@ -98,22 +99,21 @@ def block_term_triton(y: torch.Tensor, x: torch.Tensor, aid: torch.Tensor, p: Pa
 def adapter_expert_deltas(
     adapter: Adapter, owner_name: str, owner: nn.Module, device: torch.device
 ) -> dict[int, ExpertDeltas]:
-    """Per expert of experts module ``owner_name``: the adapter's Down columns and Up rows (stock channels)."""
-    width = owner.down_proj.shape[2]
+    """Per expert of the experts tensors held by ``owner_name``: the adapter's Down columns and Up rows (stock
+    channels)."""
+    storage = storage_of(owner)
     parts: dict[int, dict[str, torch.Tensor]] = {}
     for b in adapter.blocks:
         split = split_expert_name(b.module)
         if split is None or split[0] != owner_name:
             continue
         _, param, e = split
-        idx = torch.tensor(b.indices, dtype=torch.long, device=device)
         delta = b.delta.to(device)
-        if param == "down_proj" and b.feature == "in":
-            parts.setdefault(e, {}).update(down_ch=idx, down=delta)
-        elif param == "gate_up_proj" and b.feature == "out" and bool((idx >= width).all()):
-            parts.setdefault(e, {}).update(up_ch=idx - width, up=delta)
-        elif param == "up_proj" and b.feature == "out":
-            parts.setdefault(e, {}).update(up_ch=idx, up=delta)
+        up = storage.up_channels(param, list(b.indices)) if b.feature == "out" else None
+        if param == storage.down and b.feature == "in":
+            parts.setdefault(e, {}).update(down_ch=torch.tensor(b.indices, dtype=torch.long, device=device), down=delta)
+        elif up is not None:
+            parts.setdefault(e, {}).update(up_ch=torch.tensor(up, dtype=torch.long, device=device), up=delta)
         else:
             raise AdapterError(
                 f"{b.module} ({b.feature} features): only Down columns and Up rows of experts can be served "
@@ -147,7 +147,8 @@ class MultiAdapterModel(nn.Module):
                 except AdapterError as e:
                     raise AdapterError(f"adapter {n!r}: {e}") from e
         self._packed: dict[str, list[PackedBlocks]] = {}
-        self._experts: dict[str, list[dict[int, ExpertDeltas]]] = {}  # experts module -> per adapter
+        self._experts: dict[str, list[dict[int, ExpertDeltas]]] = {}  # tensors' holder -> per adapter
+        self._routed: dict[str, tuple[str, str]] = {}  # holder -> (module hooked, how it is called)
         for module in sorted({m for a in items for m in a.modules}):
             mod = get_module(model, module)
             if module_kind(mod) == "expert":
@@ -155,6 +156,9 @@ class MultiAdapterModel(nn.Module):
                 if owner not in self._experts:
                     dev = logical_weight(mod).device
                     self._experts[owner] = [adapter_expert_deltas(a, owner, mod.owner, dev) for a in items]
+                    # DBRX calls its tensors' holder once per expert: hook the routed module above it instead
+                    one = mod.storage.call == "one_expert"
+                    self._routed[owner] = (owner.rpartition(".")[0], "routed") if one else (owner, mod.storage.call)
                 continue
             w = logical_weight(mod)
             feats = [f for f in ("in", "out") if any(a.block(module, f) is not None for a in items)]
@@ -166,7 +170,8 @@ class MultiAdapterModel(nn.Module):
         self._triton: dict[torch.device, bool] = {}  # backend per device, resolved once per `use`
         self._hooks = [get_module(model, m).register_forward_hook(self._hook(m)) for m in self._packed]
         self._hooks += [
-            model.get_submodule(m).register_forward_hook(self._experts_hook(m), with_kwargs=True) for m in self._experts
+            model.get_submodule(self._routed[m][0]).register_forward_hook(self._experts_hook(m), with_kwargs=True)
+            for m in self._experts
         ]
 
     def _backend(self, device: torch.device) -> str:
@@ -217,26 +222,29 @@ class MultiAdapterModel(nn.Module):
 
         return hook
 
-    def _experts_hook(self, module: str):
-        per_adapter = self._experts[module]
+    def _experts_hook(self, holder_name: str):
+        per_adapter = self._experts[holder_name]
+        holder = self.model.get_submodule(holder_name)
+        call = self._routed[holder_name][1]
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
             used = [a for a in self._active if per_adapter[a]] if self._slots is not None else []
             if not used:
                 return None
-            names = ("hidden_states", "top_k_index", "top_k_weights")
-            hidden, index, weights = (*args, *(kwargs[n] for n in names[len(args) :]))
+            storage = storage_of(holder)
+            hidden, index, weights, token = routing(holder, storage, args, kwargs, call)
             rows = self._slots.shape[0]
-            if hidden.shape[0] % rows:
-                raise RuntimeError(f"{module}: {hidden.shape[0]} tokens do not split into {rows} batch rows")
-            token_slot = self._slots.repeat_interleave(hidden.shape[0] // rows)  # experts see (rows·T, H)
-            out = output
+            tokens = hidden.shape[0] // (storage.experts if call == "scaled_inputs" else 1)  # no device sync
+            if tokens % rows:
+                raise RuntimeError(f"{holder_name}: {tokens} tokens do not split into {rows} batch rows")
+            token_slot = self._slots.repeat_interleave(tokens // rows)[token]  # experts see (rows·T, H)
+            out = output.reshape(hidden.shape[0], -1)
             for a in used:
                 sel = (token_slot == a).nonzero()[:, 0]
                 if sel.numel():
-                    part = expert_correction(mod, hidden[sel], index[sel], weights[sel], per_adapter[a])
+                    part = expert_correction(holder, hidden[sel], index[sel], weights[sel], per_adapter[a])
                     out = out.index_add(0, sel, part.to(out.dtype))
-            return out
+            return out.view(output.shape)
 
         return hook
 
