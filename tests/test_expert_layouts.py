@@ -16,13 +16,12 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import block_grads_rel
 
 from benchmarks.tiny_models import perturb, tiny_model
 from s2ft_lightning import layers
 from s2ft_lightning.adapters import extract_adapter, load_adapter, merge_adapter, save_adapter
-from s2ft_lightning.ops import gather_runs
 from s2ft_lightning.pipeline import S2Config, prepare_model
-from surgery.linear import resolve_linear
 from surgery.verify import make_inputs
 
 # gpt-oss with a small clamp limit, so a good share of gate and up values is clamped (see the clamp test)
@@ -67,18 +66,6 @@ def _prepared(model_type: str, impl: str | None = None, seed: int = 2):
     return model, plan
 
 
-def _grads_rel(model: torch.nn.Module, reference: torch.nn.Module) -> float:
-    worst = 0.0
-    for name, blocks in layers.installed(model).items():
-        ref = resolve_linear(reference, name)
-        grad = ref.view(ref.owner.get_parameter(ref.param).grad) if hasattr(ref, "owner") else ref.weight.grad
-        for d, (feature, runs) in zip(blocks.deltas, blocks.specs):
-            want = gather_runs(grad, runs, 0 if feature == "out" else 1)
-            got = torch.zeros_like(want) if d.grad is None else d.grad  # an expert no token reached
-            worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
-    return worst
-
-
 def _gradient_gap(model: torch.nn.Module, inputs: dict) -> tuple[float, float, float]:
     """(loss gap, worst block-gradient gap to masked full fine-tuning, worst router-gradient gap), relative."""
     reference = copy.deepcopy(model)
@@ -97,7 +84,7 @@ def _gradient_gap(model: torch.nn.Module, inputs: dict) -> tuple[float, float, f
         / max(float(reference.get_parameter(n).grad.abs().max()), 1e-3)
         for n in routers
     )
-    return gap, _grads_rel(model, reference), router
+    return gap, block_grads_rel(model, reference), router
 
 
 @pytest.mark.parametrize(("model_type", "impl"), CASES, ids=[f"{m}-{i or 'own'}" for m, i in CASES])
@@ -302,7 +289,7 @@ def test_the_privacy_filter_declares_the_same_clamped_gate_on_concatenated_exper
     probe = torch.randn(model.config.hidden_size, generator=g)
     for m in (model, reference):
         (m(input_ids=ids).last_hidden_state @ probe).square().mean().backward()
-    assert _grads_rel(model, reference) <= 1e-5
+    assert block_grads_rel(model, reference) <= 1e-5
     fresh = perturb(tiny_model("openai_privacy_filter", swiglu_limit=0.3), seed=1, scale=0.05)
     merge_adapter(fresh, extract_adapter(model, plan))
     with torch.no_grad():

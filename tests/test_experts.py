@@ -7,13 +7,12 @@ import copy
 
 import pytest
 import torch
+from tiny_models import block_grads_rel
 
 from benchmarks.tiny_models import tiny_model
 from s2ft_lightning import layers
 from s2ft_lightning.adapters import AdapterError, extract_adapter, load_adapter, merge_adapter, save_adapter
-from s2ft_lightning.ops import gather_runs
 from s2ft_lightning.pipeline import S2Config, prepare_model
-from surgery.linear import resolve_linear
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 IMPLS = ("eager", "grouped_mm", "batched_mm")
@@ -37,19 +36,6 @@ def _prepared(model_type: str, impl: str = "grouped_mm", seed: int = 2):
     return model, plan
 
 
-def _block_grads_match(model, reference) -> float:
-    """Largest relative difference between each delta's gradient and that block of the reference gradient."""
-    worst = 0.0
-    for name, blocks in layers.installed(model).items():
-        ref = resolve_linear(reference, name)
-        grad = ref.view(ref.owner.get_parameter(ref.param).grad) if hasattr(ref, "owner") else ref.weight.grad
-        for d, (feature, runs) in zip(blocks.deltas, blocks.specs):
-            want = gather_runs(grad, runs, 0 if feature == "out" else 1)
-            got = torch.zeros_like(want) if d.grad is None else d.grad  # an expert no token reached
-            worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
-    return worst
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("model_type", MOE)
 def test_expert_block_gradients_equal_masked_full_fine_tuning(model_type, impl):
@@ -70,7 +56,7 @@ def test_expert_block_gradients_equal_masked_full_fine_tuning(model_type, impl):
     loss.backward()
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
-    assert _block_grads_match(model, reference) <= 1e-5
+    assert block_grads_rel(model, reference) <= 1e-5
     for n in routers:
         torch.testing.assert_close(model.get_parameter(n).grad, reference.get_parameter(n).grad, atol=1e-6, rtol=1e-5)
     frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
@@ -101,7 +87,7 @@ def test_global_budget_trains_uneven_experts_exactly(tmp_path):
         p.requires_grad_(True)
     model(input_ids=IDS, labels=IDS).loss.backward()
     reference(input_ids=IDS, labels=IDS).loss.backward()
-    assert _block_grads_match(model, reference) <= 1e-5
+    assert block_grads_rel(model, reference) <= 1e-5
     ranks = export_peft_lora(extract_adapter(model, plan), tmp_path / "lora")
     assert ranks["model.layers.0.mlp.experts.down_proj"] == max(
         counts[f"model.layers.0.mlp.experts.down_proj[{e}]"] for e in range(4)
@@ -124,7 +110,7 @@ def test_an_expert_no_token_reaches_gets_no_update_and_the_rest_stay_exact():
     reference(input_ids=x, labels=x).loss.backward()
     unreached = layers.installed(model)["model.layers.0.mlp.experts.down_proj[3]"]
     assert all(d.grad is None or not d.grad.any() for d in unreached.deltas)
-    assert _block_grads_match(model, reference) <= 1e-5
+    assert block_grads_rel(model, reference) <= 1e-5
 
 
 @pytest.mark.parametrize("model_type", MOE)

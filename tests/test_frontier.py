@@ -16,6 +16,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import block_grads_rel
 
 from benchmarks.tiny_models import perturb, tiny_model
 from s2ft_lightning import layers
@@ -23,7 +24,6 @@ from s2ft_lightning.adapters import extract_adapter, merge_adapter
 from s2ft_lightning.pipeline import S2Config, prepare_model
 from surgery.analyze import StructureError, analyze
 from surgery.config import SelectionError
-from surgery.linear import resolve_linear
 from surgery.verify import make_inputs, verify_function
 
 sa = importlib.import_module("surgery.analyze")  # the package exports a function of the same name
@@ -45,21 +45,6 @@ def _logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
         return model(**inputs, **({"use_cache": False} if hasattr(model.config, "use_cache") else {})).logits
 
 
-def _grads_rel(model: torch.nn.Module, reference: torch.nn.Module) -> float:
-    """Largest relative difference between each delta's gradient and that block of the full gradient."""
-    from s2ft_lightning.ops import gather_runs
-
-    worst = 0.0
-    for name, blocks in layers.installed(model).items():
-        ref = resolve_linear(reference, name)
-        grad = ref.view(ref.owner.get_parameter(ref.param).grad) if hasattr(ref, "owner") else ref.weight.grad
-        for d, (feature, runs) in zip(blocks.deltas, blocks.specs):
-            want = gather_runs(grad, runs, 0 if feature == "out" else 1)
-            got = torch.zeros_like(want) if d.grad is None else d.grad  # an expert no token reached
-            worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
-    return worst
-
-
 def _exact(model_type: str, config: S2Config = ALL, **kw) -> tuple[torch.nn.Module, object]:
     """Prepare (verified), give the blocks random updates, then check block gradients against masked full
     fine-tuning and the adapter merged into a fresh stock base against the trained model."""
@@ -78,7 +63,7 @@ def _exact(model_type: str, config: S2Config = ALL, **kw) -> tuple[torch.nn.Modu
     loss.backward()
     ref_loss.backward()
     assert abs(float(loss.detach()) - float(ref_loss.detach())) <= 1e-5 * abs(float(ref_loss.detach()))
-    assert _grads_rel(model, reference) <= 1e-5
+    assert block_grads_rel(model, reference) <= 1e-5
     fresh = _model(model_type, **kw)
     merge_adapter(fresh, extract_adapter(model, plan))
     want = _logits(model, inputs)

@@ -39,3 +39,21 @@ def trained_tiny(model_type: str, kw: dict, seed: int = 1, dtype: torch.dtype = 
             if p.requires_grad:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
     return model, plan
+
+
+def block_grads_rel(model: torch.nn.Module, reference: torch.nn.Module) -> float:
+    """Largest relative difference between each installed delta's gradient and that block of ``reference``'s
+    full gradient (masked full fine-tuning of the same model)."""
+    from s2ft_lightning import layers
+    from s2ft_lightning.ops import gather_runs
+    from surgery.linear import resolve_linear
+
+    worst = 0.0
+    for name, blocks in layers.installed(model).items():
+        ref = resolve_linear(reference, name)
+        grad = ref.view(ref.owner.get_parameter(ref.param).grad) if hasattr(ref, "owner") else ref.weight.grad
+        for d, (feature, runs) in zip(blocks.deltas, blocks.specs):
+            want = gather_runs(grad, runs, 0 if feature == "out" else 1)
+            got = torch.zeros_like(want) if d.grad is None else d.grad  # an expert no token reached
+            worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+    return worst
