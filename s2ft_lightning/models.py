@@ -204,6 +204,27 @@ def context_length_from_config(config: Any) -> int | None:
     return None
 
 
+def _causal_lm_class(folder: Path, gguf_file: str | None) -> Any:
+    """AutoModelForCausalLM, or for a vision-language folder (LLaVA, Qwen2-VL, Mistral-3, ...) the
+    image-text-to-text class: its forward takes token ids alone, so the language tower trains on text
+    (the vision tower stays frozen, docs/ARCHITECTURE.md "Coverage")."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if gguf_file:
+        return AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if type(config) in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM
+    if type(config) in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForImageTextToText
+    raise ValueError(
+        f"{folder}: model type {config.model_type!r} ({type(config).__name__}) has no causal-LM head in "
+        "transformers (neither AutoModelForCausalLM nor AutoModelForImageTextToText knows it), so it cannot be "
+        "fine-tuned for next-token prediction; for a classifier pass task='sequence_classification' "
+        "(--model.task sequence_classification), otherwise pick a causal LM or a vision-language checkpoint"
+    )
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -218,7 +239,7 @@ def load_model(
     pad token (eos if missing) and right padding, and so does the generation config; the model config is
     changed only for classification (its head needs ``pad_token_id``).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     if task not in ("causal_lm", "sequence_classification"):
         raise ValueError(f"task must be 'causal_lm' or 'sequence_classification', got {task!r}")
@@ -232,7 +253,7 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if task == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        model = _causal_lm_class(folder, gguf_file).from_pretrained(str(folder), **kwargs)
     else:
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
