@@ -108,6 +108,7 @@ class _Finder(HeadParts):
         self.claimed: set[str] = set()  # linear paths already placed in a coupling
 
         self._heads: dict[int, HeadInfo] = {}
+        self._layer_configs: dict[tuple[int, int], object] = {}
         self.sub_configs = sub_configs(self.config)  # id(sub-config) -> key, to tell text from vision towers
         self.tower_errors: dict[str, list[str]] = {}
 
@@ -125,7 +126,12 @@ class _Finder(HeadParts):
                 cfg = found
                 break
         if getattr(cfg, "is_heterogeneous", False) is True:
-            return cfg.per_layer_config[_layer_index(path)]
+            # per_layer_config builds a new view on every access: keep one per layer, so callers that key on
+            # id(config) (the head cache) never see a dead view's id reused by another layer's view.
+            key = (id(cfg), _layer_index(path))
+            if key not in self._layer_configs:
+                self._layer_configs[key] = cfg.per_layer_config[key[1]]
+            return self._layer_configs[key]
         return cfg
 
     def heads(self, where: str) -> HeadInfo:
