@@ -16,7 +16,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import block_grads_rel
+from tiny_models import block_grads_rel, masked_reference, randomize_blocks
 
 from benchmarks.tiny_models import perturb, tiny_model
 from s2ft_lightning import layers
@@ -59,18 +59,13 @@ def _prepared(model_type: str, impl: str | None = None, seed: int = 2):
     model = _model(model_type, impl)
     plan = prepare_model(model, S2Config(**{**S2.to_dict(), "seed": seed - 1}))
     assert plan.certificate["passed"]
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layers.block_parameters(model):
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    randomize_blocks(model, seed)
     return model, plan
 
 
 def _gradient_gap(model: torch.nn.Module, inputs: dict) -> tuple[float, float, float]:
     """(loss gap, worst block-gradient gap to masked full fine-tuning, worst router-gradient gap), relative."""
-    reference = copy.deepcopy(model)
-    layers.uninstall(reference, merge=True)
-    reference.requires_grad_(True)
+    reference = masked_reference(model)
     routers = [n for n, _ in model.named_parameters() if ".router." in n and n.endswith("weight")]
     assert routers
     for n in routers:  # the router trains too here, to compare its gradient
@@ -278,13 +273,8 @@ def test_the_privacy_filter_declares_the_same_clamped_gate_on_concatenated_exper
     model = perturb(tiny_model("openai_privacy_filter", swiglu_limit=0.3), seed=1, scale=0.05)
     plan = prepare_model(model, S2)
     assert plan.certificate["passed"] and any("experts.gate_up_proj[" in n for n in layers.installed(model))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in layers.block_parameters(model):
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    reference = copy.deepcopy(model)
-    layers.uninstall(reference, merge=True)
-    reference.requires_grad_(True)
+    g = randomize_blocks(model, 2)
+    reference = masked_reference(model)
     ids = make_inputs(model, 2, 12, seed=3)["input_ids"]
     probe = torch.randn(model.config.hidden_size, generator=g)
     for m in (model, reference):

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import block_grads_rel
+from tiny_models import block_grads_rel, masked_reference, randomize_blocks
 
 from benchmarks.tiny_models import tiny_model
 from s2ft_lightning import layers
@@ -29,10 +29,7 @@ def _moe(model_type: str, impl: str = "grouped_mm", **kw) -> torch.nn.Module:
 def _prepared(model_type: str, impl: str = "grouped_mm", seed: int = 2):
     model = _moe(model_type, impl)
     plan = prepare_model(model, S2)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layers.block_parameters(model):
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    randomize_blocks(model, seed)
     return model, plan
 
 
@@ -102,9 +99,7 @@ def test_an_expert_no_token_reaches_gets_no_update_and_the_rest_stay_exact():
     with torch.no_grad():  # router: expert 3 of layer 0 is never among the top 2
         model.get_parameter("model.layers.0.mlp.gate.weight")[3].fill_(-1e4)
         model.get_parameter("model.layers.0.mlp.gate.weight")[3, 0] = 0.0
-    reference = copy.deepcopy(model)
-    layers.uninstall(reference, merge=True)
-    reference.requires_grad_(True)
+    reference = masked_reference(model)
     x = torch.ones(2, 12, dtype=torch.long) * 5  # the same token everywhere: at most 2 experts are hit
     model(input_ids=x, labels=x).loss.backward()
     reference(input_ids=x, labels=x).loss.backward()

@@ -9,17 +9,15 @@ logits, and a deliberately mis-declared layout fails the probe.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import block_grads_rel
+from tiny_models import block_grads_rel, masked_reference, randomize_blocks
 
 from benchmarks.tiny_models import perturb, tiny_model
-from s2ft_lightning import layers
 from s2ft_lightning.adapters import extract_adapter, merge_adapter
 from s2ft_lightning.pipeline import S2Config, prepare_model
 from surgery.analyze import StructureError, analyze
@@ -51,13 +49,8 @@ def _exact(model_type: str, config: S2Config = ALL, **kw) -> tuple[torch.nn.Modu
     model = _model(model_type, **kw)
     plan = prepare_model(model, config)
     assert plan.certificate["passed"] and plan.certificate["rel_diff"] <= 1e-5
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in layers.block_parameters(model):
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    reference = copy.deepcopy(model)
-    layers.uninstall(reference, merge=True)
-    reference.requires_grad_(True)
+    randomize_blocks(model, 2)
+    reference = masked_reference(model)
     inputs = make_inputs(model, 2, 12, seed=3)
     loss, ref_loss = _loss(model, inputs), _loss(reference, inputs)
     loss.backward()

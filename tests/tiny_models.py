@@ -57,3 +57,27 @@ def block_grads_rel(model: torch.nn.Module, reference: torch.nn.Module) -> float
             got = torch.zeros_like(want) if d.grad is None else d.grad  # an expert no token reached
             worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
     return worst
+
+
+def randomize_blocks(model: torch.nn.Module, seed: int) -> torch.Generator:
+    """Give every installed block a seeded random update (zeros would hide a block read from the wrong place);
+    returns the generator for further draws."""
+    from s2ft_lightning import layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layers.block_parameters(model):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return g
+
+
+def masked_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with its blocks merged into stock weights, every weight trainable: masked full
+    fine-tuning, whose gradients at the blocks' positions the blocks' gradients must equal."""
+    import copy
+
+    from s2ft_lightning import layers
+
+    reference = copy.deepcopy(model)
+    layers.uninstall(reference, merge=True)
+    return reference.requires_grad_(True)
