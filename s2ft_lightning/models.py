@@ -207,7 +207,7 @@ def context_length_from_config(config: Any) -> int | None:
 def _causal_lm_class(folder: Path, gguf_file: str | None) -> Any:
     """AutoModelForCausalLM, or for a vision-language folder (LLaVA, Qwen2-VL, Mistral-3, ...) the
     image-text-to-text class: its forward takes token ids alone, so the language tower trains on text
-    (the vision tower stays frozen, docs/ARCHITECTURE.md "Coverage")."""
+    (the vision tower stays frozen, docs/ARCHITECTURE.md "Partial coverage and composite models")."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     if gguf_file:
