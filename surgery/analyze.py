@@ -222,14 +222,12 @@ class _Finder(HeadParts):
         try:
             info = self.heads(path)
         except StructureError as e:  # q/k/v found, head layout unknown: frozen, never guessed
-            self.claimed.update(x.path for x in (q, k, v, fused) if x is not None)
-            self.frozen.append(Frozen(name=path, layer=layer, roles=("o", "v"), reason=f"heads unknown ({e})"))
+            self.freeze_heads(path, layer, f"heads unknown ({e})", (q, k, v, fused))
             return
         o = self.output_projection(path, info)
         if o is None:  # an attention block of a kind not known here: frozen, never guessed
-            self.claimed.update(x.path for x in (q, k, v, fused) if x is not None)
             why = f"found q/k/v projections but no output projection (looked for {', '.join(_O)}); heads stay frozen"
-            self.frozen.append(Frozen(name=path, layer=layer, roles=("o", "v"), reason=why))
+            self.freeze_heads(path, layer, why, (q, k, v, fused))
             return
         d, nh, nkv = info.head_dim, info.num_heads, info.num_kv_heads
         level = "group" if info.gqa else "unit"
@@ -281,21 +279,15 @@ class _Finder(HeadParts):
         name = _common_prefix([lin.path for lin in linears])
         self.claimed.update(lin.path for lin in linears)
         if info.position_bias:
-            self.frozen.append(
-                Frozen(
-                    name=name,
-                    layer=layer,
-                    roles=("o", "v"),
-                    reason=(
-                        "attention heads stay frozen: ALiBi / relative position bias is indexed by head position "
-                        "(T5, MPT, BLOOM), so permuting heads would change the function"
-                    ),
-                )
+            why = (
+                "attention heads stay frozen: ALiBi / relative position bias is indexed by head position "
+                "(T5, MPT, BLOOM), so permuting heads would change the function"
             )
+            self.freeze_heads(name, layer, why)
             return
         unknown = self.unknown_per_head_param(name, path, info, members)
         if unknown is not None:
-            self.frozen.append(Frozen(name=name, layer=layer, roles=("o", "v"), reason=unknown))
+            self.freeze_heads(name, layer, unknown)
             return
         self.couplings.append(
             Coupling(
@@ -326,7 +318,7 @@ class _Finder(HeadParts):
         if neox_style and lin.path.endswith("query_key_value"):
             if info.gqa:
                 why = "interleaved fused qkv with grouped-query attention is not supported; its heads stay frozen"
-                self.frozen.append(Frozen(name=path, layer=layer, roles=("o", "v"), reason=why))
+                self.freeze_heads(path, layer, why)
                 return None
             out = []
             for i, role in enumerate(("q", "k", "v")):  # per-head interleaved [heads, 3, head_dim]
@@ -342,7 +334,7 @@ class _Finder(HeadParts):
                 f"[q | k | v] (known: {', '.join(_PLAIN_FUSED_QKV)}, and per head in {', '.join(_PER_HEAD_FUSED_QKV)}; "
                 "e.g. CodeGen interleaves groups); its heads stay frozen"
             )
-            self.frozen.append(Frozen(name=path, layer=layer, roles=("o", "v"), reason=why))
+            self.freeze_heads(path, layer, why)
             return None
         return (
             self.weight_and_bias(lin, "out", "q", nh, d, 0, "unit")

@@ -27,24 +27,25 @@ HEADS_NORM_NOTE = (
 class HeadParts:
     """Methods of the module walker (`surgery.analyze._Finder`) for the per-head parts of attention blocks."""
 
+    def freeze_heads(self, name: str, layer: int, reason: str, linears=()) -> None:
+        """Record an attention block's heads (O columns, V rows) as frozen with the reason, claiming its linears
+        so no other structure picks them up."""
+        self.claimed.update(lin.path for lin in linears if lin is not None)
+        self.frozen.append(Frozen(name=name, layer=layer, roles=("o", "v"), reason=reason))
+
     def gated_query(self, path: str, layer: int, linears: list) -> bool:
         """A q_proj emitting 2 x heads x head_dim: True for a declared per-head [query | gate] layout, else the
         layer's heads are recorded as frozen (with the reason) rather than guessed."""
         attention = type(self.modules[path]).__name__
         if attention in GATED_QUERY:
             return True
-        self.claimed.update(lin.path for lin in linears)
-        self.frozen.append(
-            Frozen(
-                name=path,
-                layer=layer,
-                roles=("o", "v"),
-                reason=(
-                    f"{attention}'s q_proj emits 2 x heads x head_dim (a gated query) in a layout not declared "
-                    f"for it (declared: per-head [query | gate] in {', '.join(GATED_QUERY)}); its heads stay frozen "
-                    "rather than be guessed"
-                ),
-            )
+        self.freeze_heads(
+            path,
+            layer,
+            f"{attention}'s q_proj emits 2 x heads x head_dim (a gated query) in a layout not declared for it "
+            f"(declared: per-head [query | gate] in {', '.join(GATED_QUERY)}); its heads stay frozen rather than be "
+            "guessed",
+            linears,
         )
         return False
 
