@@ -158,6 +158,21 @@ def test_bracket_extends_an_edge_best_until_it_is_interior_then_plans_the_seeds(
     assert st["best"] == 3e-2 and not st["bracketed"] and st["next"] == []
 
 
+def test_a_second_runner_takes_the_next_job_no_process_holds(tmp_path):
+    design = gs.load_design(CONFIG, smoke=False, arms=["s2ft_down"])
+    todo = [gs.job(design, "s2ft_down", lr, 0) for lr in (1e-2, 3e-3)]
+    assert gs.next_job(todo, tmp_path)[0] == todo[0][0]  # nothing held: the planner's order
+    first = tmp_path / "jobs" / todo[0][0]
+    first.mkdir(parents=True)
+    with gs.qs._claim(first, todo[0][0]):  # another runner holds the first job
+        assert gs.next_job(todo, tmp_path)[0] == todo[1][0]
+        second = tmp_path / "jobs" / todo[1][0]
+        second.mkdir()
+        with gs.qs._claim(second, todo[1][0]):  # all held: the first, which the caller waits for
+            assert gs.next_job(todo, tmp_path)[0] == todo[0][0]
+    assert gs.next_job(todo, tmp_path)[0] == todo[0][0]  # claims released: back to the planner's order
+
+
 def test_design_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="study design"):
         gs.load_design(tmp_path / "none.yaml", smoke=False)

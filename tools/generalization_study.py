@@ -19,8 +19,9 @@ stored with it. Job order, so an unfinished study already compares every arm:
 
 Each job is a folder under <out>/generalization/jobs/ holding result.json (small) and outputs.json.gz (every
 question's id, prediction and correctness), reused when rerun with the same spec: an interrupted study resumes where
-it stopped. A running job holds its folder (a lock), so two processes never run the same job. Each job runs in a
-fresh subprocess and records the code commit it ran with.
+it stopped. A running job holds its folder (a lock), so two processes never run the same job, and a second ``run``
+beside the first takes the next job nobody holds (one per core). Each job runs in a fresh subprocess and records
+the code commit it ran with.
 """
 
 from __future__ import annotations
@@ -434,6 +435,14 @@ def prepare(args: argparse.Namespace) -> tuple[dict, dict, Path]:
     return design, {"mc_tasks": tasks}, Path(args.out) / "generalization"
 
 
+def next_job(todo: list[tuple[str, dict]], out: Path) -> tuple[str, dict]:
+    """The first planned job no live process holds, so a second ``run`` over the same --out works beside the
+    first (the planned jobs never depend on each other: the planner lists a job only once its inputs are done);
+    the first job when all are held (the caller then waits for it)."""
+    free = [(n, s) for n, s in todo if not _held(out / "jobs" / n / "RUNNING")]
+    return (free or todo)[0]
+
+
 def run_study(args: argparse.Namespace) -> None:
     """Run (or resume) every job in order, re-planning after each so the bracket extends as results come in."""
     design, runtime, out = prepare(args)
@@ -446,10 +455,10 @@ def run_study(args: argparse.Namespace) -> None:
         todo = [(n, s) for n, s in jobs if n not in results and n not in failed]
         if not todo:
             break
-        name, spec = todo[0]
+        name, spec = next_job(todo, out)
         try:
             execute(name, spec, out, runtime, args.in_process)
-        except qs.JobClaimed as e:  # another process over this --out runs it: wait for it, then re-plan
+        except qs.JobClaimed as e:  # every planned job is running elsewhere: wait for the first, then re-plan
             print(f"[generalization] {name}: waiting, {e}", flush=True)
             qs.wait_for_claim(out / "jobs" / name)
         except (subprocess.CalledProcessError, RuntimeError) as e:
