@@ -1,10 +1,12 @@
 """The generalization study's report: generalization.{json,md,png} from finished job folders.
 
 The JSON keeps every run as a record (arm, lr, steps, seed, in_domain and ood as {"n", "correct"}, the curve,
-forgetting, costs), each arm's bracket, its accuracy at its best lr with bootstrap CIs over questions (seeds
-pooled), the paired comparisons between arms and against the base, and the findings as sentences. The markdown
-states only what the paired statistics support: a difference is "significant at α=0.05" only when its CI excludes 0
-and its Holm-corrected McNemar p is below 0.05; everything else reads "no difference detected".
+forgetting, costs), each arm's bracket, its accuracy at its compared lr (the first seed's best until every seed has
+run at the arm's top lrs, then the best of those on every seed's val questions) with bootstrap CIs over questions
+(seeds pooled), every (arm, lr) pooled over seeds, the paired comparisons between arms and against the base, and
+the findings as sentences. The markdown states only what the paired statistics support: a difference is
+"significant at α=0.05" only when its CI excludes 0 and its Holm-corrected McNemar p is below 0.05; everything else
+reads "no difference detected".
 """
 
 from __future__ import annotations
@@ -127,11 +129,12 @@ def build(out: Path, design: dict, results: dict[str, dict], states: dict[str, d
                         "in_domain_acc": r["in_domain"]["correct"] / r["in_domain"]["n"]}
                        for lr, r in st["runs"].items()],
         }  # fmt: skip
-        at_best = {r["spec"]["seed"]: r for r in results.values()
-                   if r["spec"]["arm"] == arm and r["spec"]["lr"] == st["best"]}  # fmt: skip
+        lr, data["bracket"][arm]["seed_pooled"], by = choose_lr(st, results, arm, design)
+        data["bracket"][arm].update(chosen=lr, chosen_by=by)
+        at_best = {r["spec"]["seed"]: r for r in results.values() if r["spec"]["arm"] == arm and r["spec"]["lr"] == lr}
         outs = {s: _outputs(r, out) for s, r in sorted(at_best.items())}
         scores[arm] = {s: measures(o) for s, o in outs.items()}
-        data["chosen"][arm] = _chosen(arm, st["best"], at_best, scores[arm], base)
+        data["chosen"][arm] = _chosen(arm, lr, at_best, scores[arm], base)
         curves[arm] = {s: o.get("curve", {}) for s, o in outs.items()}
     if base is not None:
         base_scores = {0: measures(_outputs(base, out))}
@@ -154,6 +157,25 @@ def build(out: Path, design: dict, results: dict[str, dict], states: dict[str, d
         data["findings"] += [c["sentence"] for c in group if c["verdict"] == "significant"]
     data["budget"] = _budget(curves)
     return data
+
+
+def choose_lr(st: dict, results: dict[str, dict], arm: str, design: dict) -> tuple[float, list[dict], str]:
+    """(the lr the report compares the arm at, the top lrs' val scores pooled over seeds, how it was chosen).
+
+    The bracket ranks lrs on the first seed's 200 val questions; once every seed has run at each of the arm's top
+    lrs, the choice among them is remade on all seeds' val questions (3x the evidence), ties by lower val loss. The
+    test sets never enter the choice."""
+    top = st.get("ranking", [])[: design["top_lrs"]]
+    pooled = []
+    for lr in top:
+        runs = [r for r in results.values() if r["spec"]["arm"] == arm and r["spec"]["lr"] == lr]
+        pooled.append({"lr": lr, "seeds": sorted(r["spec"]["seed"] for r in runs),
+                       "val_acc": sum(r["val"]["correct"] for r in runs) / sum(r["val"]["n"] for r in runs),
+                       "val_loss": statistics.fmean(r["val"]["loss"] for r in runs)})  # fmt: skip
+    if pooled and all(p["seeds"] == sorted(design["seeds"]) for p in pooled):
+        best = max(pooled, key=lambda p: (p["val_acc"], -p["val_loss"]))
+        return best["lr"], pooled, f"val accuracy over seeds {sorted(design['seeds'])} among the top {len(top)}"
+    return st["best"], pooled, f"val accuracy on seed {design['seeds'][0]} (the seed phase has not finished)"
 
 
 def _measure_names(scores: dict) -> list[str]:
@@ -264,7 +286,13 @@ def markdown(data: dict) -> str:
         else:
             where = "AT AN EDGE of its grid (not bracketed)"
         lines.append(f"- {lab(arm)}: best lr {b['best']:g}, {where}; {b['extensions']} extension(s).")
-    lines += ["", "## Budget: in-domain curve at each arm's best lr (val split, mean over seeds)", ""]
+    lines += ["", "Compared at (the lr each arm is reported at):", ""]
+    for arm, b in data["bracket"].items():
+        top = "; ".join(f"{p['lr']:g}: {100 * p['val_acc']:.1f}% val over {len(p['seeds'])} seed(s)"
+                        for p in b["seed_pooled"])  # fmt: skip
+        lines.append(f"- {lab(arm)}: {b['chosen']:g}, by {b['chosen_by']}" + (f"; {top}" if top else "") + ".")
+    lines += ["", "## Every arm and lr (seeds pooled; descriptive, no test)", ""] + sweep_table(data)
+    lines += ["", "## Budget: in-domain curve at each arm's compared lr (val split, mean over seeds)", ""]
     steps = sorted({p["step"] for ch in data["chosen"].values() for p in ch["curve"]})
     lines += ["| arm | " + " | ".join(str(x) for x in steps) + " |", "|---|" + "---|" * len(steps)]
     for arm, ch in data["chosen"].items():
@@ -279,7 +307,7 @@ def markdown(data: dict) -> str:
                      f"[{lo:+.1f}, {hi:+.1f}], paired over val questions and seeds): {verdict}.")  # fmt: skip
     lines += [
         "",
-        "## Accuracy at each arm's best lr (%, seeds pooled; 95% bootstrap CI over questions)",
+        "## Accuracy at each arm's compared lr (%, seeds pooled; 95% bootstrap CI over questions)",
         "",
         "| arm | lr | seeds | in-domain | " + " | ".join(ood_sets) + " | OOD pooled |",
         "|---|---|---|---|" + "---|" * (len(ood_sets) + 1),
@@ -295,7 +323,7 @@ def markdown(data: dict) -> str:
         a = ch["accuracy"]
         lines.append(f"| {lab(arm)} | {ch['lr']:g} | {len(ch['seeds'])} | {_pct(a['in_domain'])} | "
                      + " | ".join(_pct(a[f"ood:{k}"]) for k in ood_sets) + f" | {_pct(a['ood'])} |")  # fmt: skip
-    lines += ["", "## Forgetting at each arm's best lr", ""]
+    lines += ["", "## Forgetting at each arm's compared lr", ""]
     texts = list(data.get("texts", {}))
     lines += ["| arm | MC acc % (Δ pp) | MC acc_norm % (Δ pp) | " + " | ".join(f"ppl {t} (Δ)" for t in texts) + " |",
               "|---|---|---|" + "---|" * len(texts)]  # fmt: skip
@@ -318,7 +346,7 @@ def markdown(data: dict) -> str:
         lines += ["", "Held-out texts: " + "; ".join(about) + "."]
     lines += [
         "",
-        f"## Paired comparisons at each arm's best lr (α={ALPHA:g})",
+        f"## Paired comparisons at each arm's compared lr (α={ALPHA:g})",
         "",
         "Seeds pooled. 95% CI: bootstrap over questions (windows for perplexity). p: McNemar exact over (question, "
         "seed) pairs (bootstrap for log-perplexity), Holm-corrected within each measure. Significant = the CI "
@@ -333,15 +361,49 @@ def markdown(data: dict) -> str:
     none = [m for m, g in data["comparisons"].items() if g and all(c["verdict"] != "significant" for c in g)]
     if none:
         lines.append(f"- No difference between any two arms detected on: {', '.join(_what(m) for m in none)}.")
-    lines += ["", "## Learning rates to use (this model, task and budget: the bracket's best)", ""]
+    lines += ["", "## Learning rates to use (this model, task and budget: each arm's compared lr)", ""]
     for arm, b in data["bracket"].items():
         note = (
             " (provisional: grid unfinished)"
             if b.get("provisional")
             else ("" if b["bracketed"] else " (at the grid's edge)")
         )
-        lines.append(f"- {lab(arm)}: {b['best']:g}{note}")
+        lines.append(f"- {lab(arm)}: {b['chosen']:g}{note}")
     return "\n".join(lines) + "\n"
+
+
+def sweep_table(data: dict) -> list[str]:
+    """Markdown rows: every (arm, lr) that ran, seeds pooled: in-domain and pooled OOD accuracy, MC acc change
+    and mean log-perplexity change over the held-out texts against the base (nats/token)."""
+    import math
+
+    base = data["base"]
+    pooled_base_mc = None
+    if base:
+        pooled_base_mc = sum(v["acc"] * v["n"] for v in base["mc"].values()) / sum(v["n"] for v in base["mc"].values())
+    rows = ["| arm | lr | seeds | in-domain % | OOD pooled % | MC acc Δ pp | log-ppl Δ (nats/token) |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in data["runs"]:
+        groups.setdefault((r["arm"], r["lr"]), []).append(r)
+    order = list(data["settings"]["arms"])
+    for (arm, lr), runs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        ind = sum(r["in_domain"]["correct"] for r in runs) / sum(r["in_domain"]["n"] for r in runs)
+        ood = sum(v["correct"] for r in runs for v in r["ood"].values()) / sum(
+            v["n"] for r in runs for v in r["ood"].values()
+        )
+        mc = statistics.fmean(
+            sum(v["acc"] * v["n"] for v in r["mc"].values()) / sum(v["n"] for v in r["mc"].values()) for r in runs
+        )
+        cells = [f"{100 * ind:.1f}", f"{100 * ood:.1f}", "", ""]
+        if base:
+            cells[2] = f"{100 * (mc - pooled_base_mc):+.1f}"
+            cells[3] = (
+                f"{statistics.fmean(math.log(r['ppl'][t] / base['ppl'][t]) for r in runs for t in r['ppl']):+.3f}"
+            )
+        mark = " **compared**" if data["bracket"].get(arm, {}).get("chosen") == lr else ""
+        rows.append(f"| {LABELS.get(arm, arm)} | {lr:g}{mark} | {len(runs)} | " + " | ".join(cells) + " |")
+    return rows
 
 
 # ---- figure ------------------------------------------------------------------------------------------------------

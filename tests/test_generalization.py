@@ -158,6 +158,33 @@ def test_bracket_extends_an_edge_best_until_it_is_interior_then_plans_the_seeds(
     assert st["best"] == 3e-2 and not st["bracketed"] and st["next"] == []
 
 
+def test_the_compared_lr_is_remade_on_every_seeds_val_once_the_top_lrs_have_all_seeds():
+    from benchmarks.generalization_report import choose_lr
+
+    design = gs.load_design(CONFIG, smoke=False, arms=["s2ft_down"])
+    first = {3e-3: 0.30, 1e-2: 0.44, 3e-2: 0.46, 1e-1: 0.20}  # seed 0 ranks 3e-2 first, 1e-2 second
+    results = dict(_fake(design, "s2ft_down", lr, 0, a) for lr, a in first.items())
+    st = gs.bracket_state(design, "s2ft_down", results)
+    assert gs.top_lrs(st, 2) == [3e-2, 1e-2]
+    results.update([_fake(design, "s2ft_down", 3e-2, 1, 0.40), _fake(design, "s2ft_down", 1e-2, 1, 0.45)])
+    lr, pooled, by = choose_lr(st, results, "s2ft_down", design)  # seed 2 missing: the first seed's choice stands
+    assert lr == 3e-2 and "seed 0" in by and [p["seeds"] for p in pooled] == [[0, 1], [0, 1]]
+    results.update([_fake(design, "s2ft_down", 3e-2, 2, 0.42), _fake(design, "s2ft_down", 1e-2, 2, 0.45)])
+    lr, pooled, by = choose_lr(st, results, "s2ft_down", design)  # 1e-2: 268/600 > 3e-2: 256/600 over 3 seeds
+    assert lr == 1e-2 and "seeds [0, 1, 2]" in by
+    assert [round(600 * p["val_acc"]) for p in pooled] == [256, 268]
+    # equal pooled accuracy (240/600 each), seed 0 ranking 3e-2 first: the lower mean val loss wins
+    accs = {3e-2: (0.45, 0.40, 0.35), 1e-2: (0.40, 0.40, 0.40)}
+    tie = dict(
+        _fake(design, "s2ft_down", lr, s, accs[lr][s], loss)
+        for lr, loss in ((3e-2, 0.5), (1e-2, 0.4))
+        for s in range(3)
+    )
+    tie.update(_fake(design, "s2ft_down", lr, 0, 0.1) for lr in (3e-3, 1e-1))
+    st = gs.bracket_state(design, "s2ft_down", tie)
+    assert st["best"] == 3e-2 and choose_lr(st, tie, "s2ft_down", design)[0] == 1e-2
+
+
 def test_a_second_runner_takes_the_next_job_no_process_holds(tmp_path):
     design = gs.load_design(CONFIG, smoke=False, arms=["s2ft_down"])
     todo = [gs.job(design, "s2ft_down", lr, 0) for lr in (1e-2, 3e-3)]
@@ -265,6 +292,7 @@ def test_smoke_study_runs_end_to_end_with_per_question_outputs(smoke_study):
         b = data["bracket"][arm]
         assert b["extensions"] == 1 and len(b["points"]) == 3 and data["chosen"][arm]["lr"] == b["best"]
         assert data["chosen"][arm]["seeds"] == ([0, 1] if b["top"] == [b["best"]] else [0])
+        assert b["chosen"] == b["best"] and b["chosen_by"].startswith("val accuracy over seeds [0, 1]")  # top 1
     pair = data["comparisons"]["in_domain"][0]
     assert {pair["a"], pair["b"]} == {"s2ft_down", "lora"} and "verdict" in pair and "p_holm" in pair
     assert set(data["vs_base"]) == {"mc_acc", "mc_acc_norm", "log_ppl"}
@@ -277,6 +305,8 @@ def test_smoke_study_runs_end_to_end_with_per_question_outputs(smoke_study):
     assert all(len(r) == 5 for r in outputs["mc"]["general_knowledge"])
     md = (out / "generalization.md").read_text()
     assert "## Learning-rate bracket" in md and "AT AN EDGE" in md and "## What the statistics support" in md
+    table = md.split("## Every arm and lr")[1].split("##")[0]
+    assert table.count("| S²FT Down |") == 3 and table.count("**compared**") == 2  # every lr, one compared per arm
     assert (out / "generalization.png").stat().st_size > 1000
 
 
