@@ -24,6 +24,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    """Restore torch's thread count after each test: the benchmark harness sets it (its tiny config runs on 1
+    thread), and a later test comparing an in-process run with a subprocess's would otherwise sum in another order."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A saved tiny GQA Llama (fp32) + tokenizer folder, loadable like a real checkpoint."""

@@ -98,9 +98,13 @@ def test_resuming_continues_to_max_steps_exactly_as_an_uninterrupted_run(run, mo
     want = load_adapter(root / "runs" / "reference" / "version_0" / "adapter" / "default")
     got = load_adapter(root / "runs" / "logs" / "version_1" / "adapter" / "default")
     assert "s2ft_interrupted" not in got.metadata
+    # Bit-identical when both processes sum alike; on another thread count a BLAS splits reductions differently
+    # (seen on an AMD EPYC, 1 thread against 2: 5e-9 of a 6e-3 delta), and Adam's division by sqrt(v) turns that
+    # rounding in a near-zero gradient into up to ~1e-6 of the delta. A resume bug (a step retrained, optimizer state
+    # lost) moves elements by a whole step's update, lr = 1/6 of the largest delta here.
     for a, b in zip(got.blocks, want.blocks, strict=True):
         assert a.key == b.key
-        torch.testing.assert_close(a.delta, b.delta, atol=1e-7 * float(b.delta.abs().max()) + 1e-9, rtol=0)
+        torch.testing.assert_close(a.delta, b.delta, atol=1e-5 * float(b.delta.abs().max()), rtol=0)
 
 
 def test_a_resume_that_would_train_nothing_says_so_and_exits_2(run, monkeypatch, capsys):

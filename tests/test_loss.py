@@ -74,10 +74,14 @@ def test_chunked_loss_and_every_gradient_equal_the_stock_path(model_type, kw):
     _, ref_loss, ref = _loss_and_grads(model, batch, "stock")
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     assert grads.keys() == ref.keys() and len(ref) == len(list(model.parameters()))
+    largest = max(float(g.abs().max()) for g in ref.values())
     for name in ref:
         scale = float(ref[name].abs().max())
         assert scale > 0, name
-        torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
+        # k's bias gradient sums per-token terms that cancel (softmax is shift-invariant; only RoPE breaks it), so
+        # its rounding follows those terms, not its own small max: floor the scale at a tenth of the largest.
+        atol = 1e-6 * max(scale, 0.1 * largest)
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=atol, msg=name)
     head = find_lm_head(model)
     assert head.head.weight.grad is not None
     if kw.get("tie_word_embeddings"):
