@@ -141,6 +141,11 @@ def test_bracket_extends_an_edge_best_until_it_is_interior_then_plans_the_seeds(
     results.update([_fake(design, "s2ft_down", 1e-1, 0, acc[1e-1])])
     st = gs.bracket_state(design, "s2ft_down", results)
     assert st["bracketed"] and st["best"] == 3e-2 and st["next"] == [] and gs.top_lrs(st, 2) == [3e-2, 1e-2]
+    jobs, done = gs.planned_jobs(design, results)  # full FT's bracket has not started: S²FT Down's seeds go on
+    assert not done and [n for n, _ in jobs if n.startswith("s2ft_down") and not n.endswith("_s0")] == [
+        "s2ft_down_lr0.03_n300_s1", "s2ft_down_lr0.03_n300_s2", "s2ft_down_lr0.01_n300_s1", "s2ft_down_lr0.01_n300_s2",
+    ]  # fmt: skip
+    assert not [n for n, _ in jobs if n.startswith("full") and not n.endswith("_s0")]
     # full FT: equal val accuracy everywhere, the lower val loss wins (1e-4: inside the grid)
     for lr, loss in ((3e-5, 0.9), (1e-4, 0.5), (3e-4, 0.7)):
         results.update([_fake(design, "full", lr, 0, 0.3, loss)])

@@ -15,7 +15,7 @@ stored with it. Job order, so an unfinished study already compares every arm:
 2. the learning-rate bracket on the first seed, arm by arm in turn: each arm's grid, middle lr first; then, while
    an arm's best lr (val accuracy; ties: lower val loss) is at an edge of its grid, one half-decade step beyond it;
 3. the other seeds at each arm's best lr of the bracket, seed by seed over every arm; then the same at its
-   second best lr (``top_lrs``).
+   second best lr (``top_lrs``). An arm's seeds enter the plan as soon as its own bracket has ended.
 
 Each job is a folder under <out>/generalization/jobs/ holding result.json (small) and outputs.json.gz (every
 question's id, prediction and correctness), reused when rerun with the same spec: an interrupted study resumes where
@@ -390,11 +390,12 @@ def planned_jobs(design: dict, results: dict[str, dict]) -> tuple[list[tuple[str
     turns = sorted((k, i, arm, lr) for i, (arm, st) in enumerate(states.items()) for k, lr in enumerate(st["sequence"]))
     jobs += [job(design, arm, lr, design["seeds"][0]) for _, _, arm, lr in turns]
     done = all(not st["next"] for st in states.values())
-    if done:  # each arm's best lr at every seed first (the comparison the report leads with), then the runners-up
-        for rank in range(design["top_lrs"]):
-            for seed in design["seeds"][1:]:
-                jobs += [job(design, arm, top_lrs(st, rank + 1)[rank], seed) for arm, st in states.items()
-                         if len(top_lrs(st, rank + 1)) > rank]  # fmt: skip
+    # An arm's seeds are planned once its own bracket has ended (a second runner need not wait for another arm's):
+    # each arm's best lr at every seed first (the comparison the report leads with), then the runners-up.
+    for rank in range(design["top_lrs"]):
+        for seed in design["seeds"][1:]:
+            jobs += [job(design, arm, top_lrs(st, rank + 1)[rank], seed) for arm, st in states.items()
+                     if not st["next"] and len(top_lrs(st, rank + 1)) > rank]  # fmt: skip
     return jobs, done
 
 
@@ -492,9 +493,11 @@ def status(args: argparse.Namespace) -> str:
         cpu = "?" if est is None else f"{est[0] / 60:.0f}"
         lines.append(f"{'running' if running else 'planned'}  {name}  (~{cpu} CPU-min)")
     more = ""
-    if not bracket_done:  # the seed phase is planned once the bracket ends: count top_lrs x other seeds per arm
-        more = " (with the seed phase, planned when the bracket ends, estimated)"
+    if not bracket_done:  # an arm's seeds are planned once its bracket ends: count top_lrs x other seeds for the rest
+        more = " (with the seed phase, planned when each arm's bracket ends, estimated)"
         for arm in design["arms"]:
+            if not bracket_state(design, arm, results)["next"]:
+                continue  # its seeds are in the plan above
             est = cost.get(arm, cost.get("*"))
             n = design["top_lrs"] * (len(design["seeds"]) - 1)
             if est is None:
