@@ -432,7 +432,7 @@ def plot(data: dict, path: Path) -> None:
                   f"{data['chosen'][arm]['lr']:g}")  # fmt: skip
     ax[0].set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], ["in-domain", *ood], fontsize=8)
     ax[0].set_ylabel("accuracy % (95% CI)")
-    ax[0].set_title("at each arm's best lr, seeds pooled", fontsize=9)
+    ax[0].set_title("at each arm's compared lr, seeds pooled", fontsize=9)
     ax[0].legend(fontsize=7)
     for arm, b in data["bracket"].items():
         pts = b["points"]
@@ -449,7 +449,7 @@ def plot(data: dict, path: Path) -> None:
                    label=LABELS.get(arm, arm))  # fmt: skip
     ax[2].set_xlabel("step")
     ax[2].set_ylabel("val accuracy % (mean over seeds)")
-    ax[2].set_title("in-domain curve at the best lr", fontsize=9)
+    ax[2].set_title("in-domain curve at the compared lr", fontsize=9)
     ax[2].legend(fontsize=7)
     for i, arm in enumerate(arms):
         mc = data["chosen"][arm]["mc"]
