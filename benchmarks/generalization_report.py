@@ -191,6 +191,11 @@ def _by(arm_scores: dict[int, dict], measure: str) -> dict[int, dict]:
     return {s: m[measure] for s, m in arm_scores.items()}
 
 
+def _pooled_mc(mc: dict[str, dict], key: str = "acc") -> float:
+    """Multiple-choice accuracy over all tasks' items pooled (each task weighted by its item count)."""
+    return sum(v[key] * v["n"] for v in mc.values()) / sum(v["n"] for v in mc.values())
+
+
 def _chosen(arm: str, lr: float, runs: dict[int, dict], scores: dict[int, dict], base: dict | None) -> dict:
     """The arm at its best lr, seeds pooled: accuracies with CIs, forgetting, curve, costs."""
     first = next(iter(scores.values()))
@@ -199,8 +204,7 @@ def _chosen(arm: str, lr: float, runs: dict[int, dict], scores: dict[int, dict],
     for key in ("acc", "acc_norm"):
         mc[key] = accuracy_ci(_by(scores, f"mc_{key}"))
         if base is not None:
-            pooled_base = sum(v[key] * v["n"] for v in base["mc"].values()) / sum(v["n"] for v in base["mc"].values())
-            mc[key]["delta_vs_base"] = mc[key]["mean"] - pooled_base
+            mc[key]["delta_vs_base"] = mc[key]["mean"] - _pooled_mc(base["mc"], key)
     tasks = next(iter(runs.values()))["mc"]
     mc["tasks"] = {t: {k: statistics.fmean(r["mc"][t][k] for r in runs.values()) for k in ("acc", "acc_norm")}
                    | {"n": tasks[t]["n"]} for t in tasks}  # fmt: skip
@@ -329,8 +333,7 @@ def markdown(data: dict) -> str:
               "|---|---|---|" + "---|" * len(texts)]  # fmt: skip
     if data["base"]:
         b = data["base"]
-        pooled = {k: sum(v[k] * v["n"] for v in b["mc"].values()) / sum(v["n"] for v in b["mc"].values())
-                  for k in ("acc", "acc_norm")}  # fmt: skip
+        pooled = {k: _pooled_mc(b["mc"], k) for k in ("acc", "acc_norm")}
         lines.append(f"| base | {100 * pooled['acc']:.1f} | {100 * pooled['acc_norm']:.1f} | "
                      + " | ".join(f"{b['ppl'][t]:.2f}" for t in texts) + " |")  # fmt: skip
     for arm, ch in data["chosen"].items():
@@ -378,9 +381,7 @@ def sweep_table(data: dict) -> list[str]:
     import math
 
     base = data["base"]
-    pooled_base_mc = None
-    if base:
-        pooled_base_mc = sum(v["acc"] * v["n"] for v in base["mc"].values()) / sum(v["n"] for v in base["mc"].values())
+    pooled_base_mc = _pooled_mc(base["mc"]) if base else None
     rows = ["| arm | lr | seeds | in-domain % | OOD pooled % | MC acc Δ pp | log-ppl Δ (nats/token) |",
             "|---|---|---|---|---|---|---|"]  # fmt: skip
     groups: dict[tuple[str, float], list[dict]] = {}
@@ -392,9 +393,7 @@ def sweep_table(data: dict) -> list[str]:
         ood = sum(v["correct"] for r in runs for v in r["ood"].values()) / sum(
             v["n"] for r in runs for v in r["ood"].values()
         )
-        mc = statistics.fmean(
-            sum(v["acc"] * v["n"] for v in r["mc"].values()) / sum(v["n"] for v in r["mc"].values()) for r in runs
-        )
+        mc = statistics.fmean(_pooled_mc(r["mc"]) for r in runs)
         cells = [f"{100 * ind:.1f}", f"{100 * ood:.1f}", "", ""]
         if base:
             cells[2] = f"{100 * (mc - pooled_base_mc):+.1f}"

@@ -69,9 +69,12 @@ def phase_of(ev: Any, marks: Sequence[tuple[float, float, str]]) -> str | None:
 
 def profile_mode(mode: str, cfg: dict[str, Any], steps: int = 3, warmup: int = 2) -> dict[str, Any]:
     """Build ``mode`` (eager) and return its per-step time by phase x kind (ms) and its memory breakdown (MiB)."""
+    with ts.torch_threads(cfg.get("threads")):
+        return _profile(mode, cfg, steps, warmup)
+
+
+def _profile(mode: str, cfg: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
     dev = torch.device(cfg["device"])
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
     built = ts.setup_mode(mode, cfg, dev)
     seq = cfg["seqs"][0]
     gen = torch.Generator().manual_seed(1)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,8 +409,26 @@ def _mib(b: float) -> float:
     return round(b / 2**20, 1)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` intra-op threads (None: as they are), restoring the caller's count after: a config's thread
+    count must not leak into whatever runs next in the process (its sums would round differently)."""
+    prev = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def measure(mode: str, cfg: dict[str, Any], compiled: bool, seqs: Sequence[int], device: str) -> list[dict[str, Any]]:
-    """Build ``mode`` once and time it at each sequence length; one result dict per length."""
+    """Build ``mode`` once and time it at each sequence length (at ``cfg["threads"]``); one result dict per length."""
+    with torch_threads(cfg.get("threads")):
+        return _measure(mode, cfg, compiled, seqs, device)
+
+
+def _measure(mode: str, cfg: dict[str, Any], compiled: bool, seqs: Sequence[int], device: str) -> list[dict[str, Any]]:
     dev = torch.device(device)
     results = []
     base = {"mode": mode, "compiled": compiled, "batch": cfg["batch"], "device": dev.type}
@@ -422,8 +440,6 @@ def measure(mode: str, cfg: dict[str, Any], compiled: bool, seqs: Sequence[int],
         torch.cuda.reset_peak_memory_stats(dev)
         # Runs share one process on GPU: memory still held by an earlier mode would inflate this one's peak.
         base["alloc_at_start_mib"] = _mib(torch.cuda.memory_allocated(dev))
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
     _preimport()  # same libraries loaded in every mode, so RSS differences are the mode's own
     rss_before = _rss_mib()
     t0 = time.perf_counter()

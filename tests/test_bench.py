@@ -161,6 +161,19 @@ def test_suite_writes_json_table_and_plot(cfg, tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
+def test_harness_runs_at_the_configs_threads_and_restores_the_callers(cfg, monkeypatch):
+    """A config's thread count applies to its own run only; what runs next in the process keeps the caller's."""
+    assert cfg["threads"] == 1
+    torch.set_num_threads(3)  # the autouse fixture in conftest.py restores pytest's count afterwards
+    seen = []
+    setup = ts.setup_mode
+    monkeypatch.setattr(ts, "setup_mode", lambda *a, **k: seen.append(torch.get_num_threads()) or setup(*a, **k))
+    assert ts.measure("frozen", cfg, False, [8], "cpu")[0]["status"] == "ok"
+    assert torch.get_num_threads() == 3
+    pf.profile_mode("frozen", dict(cfg, seqs=[8]), steps=1, warmup=1)
+    assert torch.get_num_threads() == 3 and seen == [1, 1]
+
+
 def test_isolated_run_reports_fresh_process_rss(cfg):
     r = ts.run_isolated("frozen", cfg, False, 8, "cpu", timeout_s=240)
     assert r["status"] == "ok", r.get("error")

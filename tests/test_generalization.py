@@ -126,7 +126,8 @@ def test_bracket_extends_an_edge_best_until_it_is_interior_then_plans_the_seeds(
         results.update([_fake(design, "s2ft_down", lr, 0, acc[lr])])
     st = gs.bracket_state(design, "s2ft_down", results)
     assert st["best"] == 3e-2 and not st["bracketed"] and st["next"] == [1e-1]
-    jobs, done = gs.planned_jobs(design, results)
+    jobs, states = gs.planned_jobs(design, results)
+    done = gs.bracket_done(states)
     assert not done and [n for n, _ in jobs] == [  # arm by arm in turn: each arm's k-th lr before any (k+1)-th
         "base", "s2ft_down_lr0.01_n300_s0", "full_lr0.0001_n300_s0", "s2ft_down_lr0.003_n300_s0",
         "full_lr3e-05_n300_s0", "s2ft_down_lr0.03_n300_s0", "full_lr0.0003_n300_s0", "s2ft_down_lr0.1_n300_s0",
@@ -141,7 +142,8 @@ def test_bracket_extends_an_edge_best_until_it_is_interior_then_plans_the_seeds(
     results.update([_fake(design, "s2ft_down", 1e-1, 0, acc[1e-1])])
     st = gs.bracket_state(design, "s2ft_down", results)
     assert st["bracketed"] and st["best"] == 3e-2 and st["next"] == [] and gs.top_lrs(st, 2) == [3e-2, 1e-2]
-    jobs, done = gs.planned_jobs(design, results)  # full FT's bracket has not started: S²FT Down's seeds go on
+    jobs, states = gs.planned_jobs(design, results)
+    done = gs.bracket_done(states)  # full FT's bracket has not started: S²FT Down's seeds go on
     assert not done and [n for n, _ in jobs if n.startswith("s2ft_down") and not n.endswith("_s0")] == [
         "s2ft_down_lr0.03_n300_s1", "s2ft_down_lr0.03_n300_s2", "s2ft_down_lr0.01_n300_s1", "s2ft_down_lr0.01_n300_s2",
     ]  # fmt: skip
@@ -149,7 +151,8 @@ def test_bracket_extends_an_edge_best_until_it_is_interior_then_plans_the_seeds(
     # full FT: equal val accuracy everywhere, the lower val loss wins (1e-4: inside the grid)
     for lr, loss in ((3e-5, 0.9), (1e-4, 0.5), (3e-4, 0.7)):
         results.update([_fake(design, "full", lr, 0, 0.3, loss)])
-    jobs, done = gs.planned_jobs(design, results)
+    jobs, states = gs.planned_jobs(design, results)
+    done = gs.bracket_done(states)
     seeds = [n for n, _ in jobs if not n.endswith("_s0") and n != "base"]
     assert done and seeds == [  # the best lr over the seeds first, then the runner-up
         "s2ft_down_lr0.03_n300_s1", "full_lr0.0001_n300_s1", "s2ft_down_lr0.03_n300_s2", "full_lr0.0001_n300_s2",

@@ -382,21 +382,25 @@ def bracket_state(design: dict, arm: str, results: dict[str, dict]) -> dict:
         grid.append(step)
 
 
-def planned_jobs(design: dict, results: dict[str, dict]) -> tuple[list[tuple[str, dict]], bool]:
-    """(every job the study runs that is known now, in run order; whether the bracket is finished everywhere)."""
+def planned_jobs(design: dict, results: dict[str, dict]) -> tuple[list[tuple[str, dict]], dict[str, dict]]:
+    """(every job the study runs that is known now, in run order; each arm's ``bracket_state``)."""
     jobs = [job(design, None)]
     states = {arm: bracket_state(design, arm, results) for arm in design["arms"]}
     # the bracket arm by arm in turn: every arm's first lr (its grid's middle), then every arm's second, ...
     turns = sorted((k, i, arm, lr) for i, (arm, st) in enumerate(states.items()) for k, lr in enumerate(st["sequence"]))
     jobs += [job(design, arm, lr, design["seeds"][0]) for _, _, arm, lr in turns]
-    done = all(not st["next"] for st in states.values())
     # An arm's seeds are planned once its own bracket has ended (a second runner need not wait for another arm's):
     # each arm's best lr at every seed first (the comparison the report leads with), then the runners-up.
     for rank in range(design["top_lrs"]):
         for seed in design["seeds"][1:]:
             jobs += [job(design, arm, top_lrs(st, rank + 1)[rank], seed) for arm, st in states.items()
                      if not st["next"] and len(top_lrs(st, rank + 1)) > rank]  # fmt: skip
-    return jobs, done
+    return jobs, states
+
+
+def bracket_done(states: dict[str, dict]) -> bool:
+    """Whether every arm's learning-rate bracket has ended (nothing left to try on the first seed)."""
+    return all(not st["next"] for st in states.values())
 
 
 def top_lrs(state: dict, k: int) -> list[float]:
@@ -476,7 +480,7 @@ def status(args: argparse.Namespace) -> str:
     """Finished / running / planned jobs and the hours left, estimated from the finished jobs' measured costs."""
     design, _, out = prepare(args)
     results = finished_results(design, out)
-    jobs, bracket_done = planned_jobs(design, results)
+    jobs, states = planned_jobs(design, results)
     cost = _measured_costs(results)
     lines, left, unknown = [], [0.0, 0.0], 0
     for name, spec in jobs:
@@ -493,10 +497,12 @@ def status(args: argparse.Namespace) -> str:
         cpu = "?" if est is None else f"{est[0] / 60:.0f}"
         lines.append(f"{'running' if running else 'planned'}  {name}  (~{cpu} CPU-min)")
     more = ""
-    if not bracket_done:  # an arm's seeds are planned once its bracket ends: count top_lrs x other seeds for the rest
+    if not bracket_done(
+        states
+    ):  # an arm's seeds are planned once its bracket ends: count top_lrs x other seeds for the rest
         more = " (with the seed phase, planned when each arm's bracket ends, estimated)"
-        for arm in design["arms"]:
-            if not bracket_state(design, arm, results)["next"]:
+        for arm, st in states.items():
+            if not st["next"]:
                 continue  # its seeds are in the plan above
             est = cost.get(arm, cost.get("*"))
             n = design["top_lrs"] * (len(design["seeds"]) - 1)
@@ -548,9 +554,8 @@ def report(args: argparse.Namespace) -> str:
 
     design, _, out = prepare(args)
     results = finished_results(design, out)
-    jobs, bracket_done = planned_jobs(design, results)
-    complete = bracket_done and all(n in results for n, _ in jobs)
-    states = {arm: bracket_state(design, arm, results) for arm in design["arms"]}
+    jobs, states = planned_jobs(design, results)
+    complete = bracket_done(states) and all(n in results for n, _ in jobs)
     return write_report(Path(args.out), design, results, states, complete=complete)
 
 
