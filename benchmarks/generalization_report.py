@@ -156,7 +156,34 @@ def build(out: Path, design: dict, results: dict[str, dict], states: dict[str, d
     for group in (*data["comparisons"].values(), *data["vs_base"].values()):
         data["findings"] += [c["sentence"] for c in group if c["verdict"] == "significant"]
     data["budget"] = _budget(curves)
+    data["sensitivity"] = _sensitivity(out, results, data, scores)
     return data
+
+
+SENSITIVITY_MEASURES = ("in_domain", "ood", "mc_acc_norm", "log_ppl")
+
+
+def _sensitivity(out: Path, results: dict[str, dict], data: dict, scores: dict[str, dict]) -> dict[str, list[dict]]:
+    """Each arm at its runner-up lr (once every seed ran there) against its own compared lr and every other arm's:
+    does a finding hinge on which of an arm's two best lrs the val split picked? A secondary family, Holm-corrected
+    within each measure; the primary comparisons above stay as they are."""
+    seeds = sorted(data["settings"]["seeds"])
+    alts = []
+    for arm, b in data["bracket"].items():
+        for p in b["seed_pooled"]:
+            if p["lr"] != b["chosen"] and p["seeds"] == seeds:
+                runs = {r["spec"]["seed"]: r for r in results.values()
+                        if r["spec"]["arm"] == arm and r["spec"]["lr"] == p["lr"]}  # fmt: skip
+                alts.append((arm, p["lr"], {s: measures(_outputs(r, out)) for s, r in sorted(runs.items())}))
+    table: dict[str, list[dict]] = {}
+    for m in SENSITIVITY_MEASURES:
+        pairs = [(arm, lr, alt, other) for arm, lr, alt in alts for other in scores]
+        if not pairs:
+            break
+        decided = decide([compare(_by(alt, m), _by(scores[other], m)) for _, _, alt, other in pairs])
+        table[m] = [{"arm": arm, "lr": lr, "vs": other, "vs_lr": data["chosen"][other]["lr"], **c}
+                    for (arm, lr, _, other), c in zip(pairs, decided)]  # fmt: skip
+    return table
 
 
 def choose_lr(st: dict, results: dict[str, dict], arm: str, design: dict) -> tuple[float, list[dict], str]:
@@ -364,6 +391,7 @@ def markdown(data: dict) -> str:
     none = [m for m, g in data["comparisons"].items() if g and all(c["verdict"] != "significant" for c in g)]
     if none:
         lines.append(f"- No difference between any two arms detected on: {', '.join(_what(m) for m in none)}.")
+    lines += sensitivity_table(data)
     lines += ["", "## Learning rates to use (this model, task and budget: each arm's compared lr)", ""]
     for arm, b in data["bracket"].items():
         note = (
@@ -373,6 +401,33 @@ def markdown(data: dict) -> str:
         )
         lines.append(f"- {lab(arm)}: {b['chosen']:g}{note}")
     return "\n".join(lines) + "\n"
+
+
+def _diff_cell(r: dict, scale: float, digits: int) -> str:
+    lo, hi = (scale * x for x in r["ci"])
+    star = "*" if r["verdict"] == "significant" else ""
+    return f"{scale * r['diff']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{star}"
+
+
+def sensitivity_table(data: dict) -> list[str]:
+    """Markdown: each arm's runner-up lr minus every arm's compared lr, per measure (``*``: significant)."""
+    sens = data.get("sensitivity") or {}
+    if not sens:
+        return []
+    chosen = {a: ch["lr"] for a, ch in data["chosen"].items()}
+    lines = ["", "## Sensitivity: each arm at its runner-up lr (secondary family)", "",
+             "Runner-up minus each arm at its compared lr, seeds pooled; 95% bootstrap CI; `*`: significant "
+             "(CI excludes 0, Holm-corrected p < α within each measure of this family). pp; nats/token for "
+             "log-perplexity."]  # fmt: skip
+    for m, rows in sens.items():
+        scale, digits = (1.0, 3) if m == "log_ppl" else (100.0, 1)
+        header = " | ".join(f"vs {LABELS.get(a, a)} {lr:g}" for a, lr in chosen.items())
+        lines += ["", f"{_what(m)}:", "", f"| runner-up | {header} |", "|---|" + "---|" * len(chosen)]
+        for arm, lr in dict.fromkeys((r["arm"], r["lr"]) for r in rows):
+            cells = {r["vs"]: r for r in rows if (r["arm"], r["lr"]) == (arm, lr)}
+            row = " | ".join(_diff_cell(cells[a], scale, digits) if a in cells else "" for a in chosen)
+            lines.append(f"| {LABELS.get(arm, arm)} {lr:g} | {row} |")
+    return lines
 
 
 def sweep_table(data: dict) -> list[str]:

@@ -193,6 +193,63 @@ def test_the_compared_lr_is_remade_on_every_seeds_val_once_the_top_lrs_have_all_
     assert st["best"] == 3e-2 and choose_lr(st, tie, "s2ft_down", design)[0] == 1e-2
 
 
+def _outputs_with(in_domain: list[int], ood: list[int], mc: list[int], nll: list[float]) -> dict:
+    """A job's per-question outputs as outputs.json.gz holds them, from 0/1 scores and per-window nats/token."""
+    return {
+        "in_domain": [[f"q{i}", "", c] for i, c in enumerate(in_domain)],
+        "ood": {"words": [[f"words/{i}", "", c] for i, c in enumerate(ood)]},
+        "mc": {"general_knowledge": [[i, 0, 0, c, c] for i, c in enumerate(mc)]},
+        "ppl_windows": {"apache_license": [[x * 100, 100] for x in nll]},
+    }
+
+
+def test_sensitivity_compares_each_runner_up_lr_with_every_compared_lr(tmp_path):
+    from benchmarks import generalization_report as gr
+
+    # S²FT Down ties on val at 3e-2 (compared) and 1e-2 (runner-up); LoRA is compared at 3e-3. The runner-up
+    # answers every in-domain question LoRA misses and forgets nothing more: only that difference is significant.
+    n = 60
+    outs = {
+        ("s2ft_down", 3e-2): _outputs_with([1] * n, [0, 1] * (n // 2), [1] * n, [2.0 + 0.01 * i for i in range(n)]),
+        ("s2ft_down", 1e-2): _outputs_with([1] * n, [0, 1] * (n // 2), [1] * n, [1.0 + 0.01 * i for i in range(n)]),
+        ("lora", 3e-3): _outputs_with([0] * n, [0, 1] * (n // 2), [1] * n, [1.0 + 0.01 * i for i in range(n)]),
+    }
+    results = {}
+    for (arm, lr), o in outs.items():
+        for seed in (0, 1, 2):
+            name = f"{arm}_{lr:g}_s{seed}"
+            results[name] = {"name": name, "spec": {"arm": arm, "lr": lr, "seed": seed}}
+            job = tmp_path / "generalization" / "jobs" / name
+            job.mkdir(parents=True)
+            with gzip.open(job / "outputs.json.gz", "wt") as f:
+                json.dump(o, f)
+    seeds = [0, 1, 2]
+    data = {
+        "settings": {"seeds": seeds},
+        "bracket": {
+            "s2ft_down": {"chosen": 3e-2, "seed_pooled": [{"lr": 3e-2, "seeds": seeds}, {"lr": 1e-2, "seeds": seeds}]},
+            "lora": {"chosen": 3e-3, "seed_pooled": [{"lr": 3e-3, "seeds": seeds}, {"lr": 1e-3, "seeds": [0]}]},
+        },
+        "chosen": {"s2ft_down": {"lr": 3e-2}, "lora": {"lr": 3e-3}},
+    }
+    scores = {arm: {s: gr.measures(outs[arm, lr]) for s in seeds} for arm, lr in (("s2ft_down", 3e-2), ("lora", 3e-3))}
+    sens = gr._sensitivity(tmp_path, results, data, scores)
+    assert list(sens) == list(gr.SENSITIVITY_MEASURES)
+    # LoRA's runner-up has one seed only: just S²FT Down 1e-2 enters, against both compared configurations
+    assert all([(r["arm"], r["lr"], r["vs"]) for r in rows] == [("s2ft_down", 1e-2, "s2ft_down"),
+               ("s2ft_down", 1e-2, "lora")] for rows in sens.values())  # fmt: skip
+    verdict = {(m, r["vs"]): (r["verdict"], round(r["diff"], 3)) for m, rows in sens.items() for r in rows}
+    assert verdict["in_domain", "lora"] == ("significant", 1.0)
+    assert verdict["in_domain", "s2ft_down"] == ("no difference detected", 0.0)
+    assert verdict["log_ppl", "s2ft_down"] == ("significant", -1.0)  # the lower lr forgets less
+    assert verdict["ood", "lora"][0] == verdict["mc_acc_norm", "lora"][0] == "no difference detected"
+    data["sensitivity"] = sens
+    md = "\n".join(gr.sensitivity_table(data))
+    assert "| runner-up | vs S²FT Down 0.03 | vs LoRA 0.003 |" in md
+    assert "| S²FT Down 0.01 | +0.0 [+0.0, +0.0] | +100.0 [+100.0, +100.0]* |" in md
+    assert gr.sensitivity_table({"chosen": {}}) == []
+
+
 def test_a_second_runner_takes_the_next_job_no_process_holds(tmp_path):
     design = gs.load_design(CONFIG, smoke=False, arms=["s2ft_down"])
     todo = [gs.job(design, "s2ft_down", lr, 0) for lr in (1e-2, 3e-3)]
