@@ -3,10 +3,10 @@
 The JSON keeps every run as a record (arm, lr, steps, seed, in_domain and ood as {"n", "correct"}, the curve,
 forgetting, costs), each arm's bracket, its accuracy at its compared lr (the first seed's best until every seed has
 run at the arm's top lrs, then the best of those on every seed's val questions) with bootstrap CIs over questions
-(seeds pooled), every (arm, lr) pooled over seeds, the paired comparisons between arms and against the base, and
-the findings as sentences. The markdown states only what the paired statistics support: a difference is
-"significant at α=0.05" only when its CI excludes 0 and its Holm-corrected McNemar p is below 0.05; everything else
-reads "no difference detected".
+(seeds pooled), every (arm, lr) pooled over seeds, the paired comparisons between arms and against the base, the
+findings as sentences, and a secondary sensitivity family (each arm at its runner-up lr). The markdown states only
+what the paired statistics support: a difference is "significant at α=0.05" only when its CI excludes 0 and its
+Holm-corrected McNemar p is below 0.05; everything else reads "no difference detected".
 """
 
 from __future__ import annotations

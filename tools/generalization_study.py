@@ -497,9 +497,8 @@ def status(args: argparse.Namespace) -> str:
         cpu = "?" if est is None else f"{est[0] / 60:.0f}"
         lines.append(f"{'running' if running else 'planned'}  {name}  (~{cpu} CPU-min)")
     more = ""
-    if not bracket_done(
-        states
-    ):  # an arm's seeds are planned once its bracket ends: count top_lrs x other seeds for the rest
+    # an arm's seeds are planned once its bracket ends: count top_lrs x other seeds for the arms still bracketing
+    if not bracket_done(states):
         more = " (with the seed phase, planned when each arm's bracket ends, estimated)"
         for arm, st in states.items():
             if not st["next"]:
