@@ -268,5 +268,10 @@ def test_demo_model_trains_with_the_chunked_loss_by_default():
         out[loss] = (value.detach(), {n: p.grad for n, p in module.named_parameters() if p.requires_grad})
         assert module.lm_loss.chunked == (loss == "auto")
     torch.testing.assert_close(out["auto"][0], out["stock"][0], rtol=1e-5, atol=0)
+    # fp32 summation order differs between the two losses and the difference grows through 30 layers' backward:
+    # measured relative error 1e-6..9e-6 per tensor (AMD EPYC; both losses are that far from an fp64 reference).
+    # Element-wise bounds flake with the CPU's kernels; a real defect (scale, a dropped row, a shifted target)
+    # is off by 1e-2 or more.
     for k, g in out["stock"][1].items():
-        torch.testing.assert_close(out["auto"][1][k], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()))  # 30 layers
+        err = float((out["auto"][1][k] - g).norm() / g.norm())
+        assert err < 5e-5, f"{k}: chunked-loss gradient differs from the stock one by {err:.1e} (relative norm)"
