@@ -29,6 +29,12 @@ def _outputs(result: dict, out: Path) -> dict:
         return json.load(f)
 
 
+def _runs_at(results: dict[str, dict], arm: str, lr: float) -> dict[int, dict]:
+    """The finished runs of ``arm`` at ``lr``, by seed (ascending)."""
+    runs = {r["spec"]["seed"]: r for r in results.values() if r["spec"]["arm"] == arm and r["spec"]["lr"] == lr}
+    return dict(sorted(runs.items()))
+
+
 def record(result: dict) -> dict:
     """One finished job as the JSON lists it."""
     spec = result["spec"]
@@ -131,8 +137,8 @@ def build(out: Path, design: dict, results: dict[str, dict], states: dict[str, d
         }  # fmt: skip
         lr, data["bracket"][arm]["seed_pooled"], by = choose_lr(st, results, arm, design)
         data["bracket"][arm].update(chosen=lr, chosen_by=by)
-        at_best = {r["spec"]["seed"]: r for r in results.values() if r["spec"]["arm"] == arm and r["spec"]["lr"] == lr}
-        outs = {s: _outputs(r, out) for s, r in sorted(at_best.items())}
+        at_best = _runs_at(results, arm, lr)
+        outs = {s: _outputs(r, out) for s, r in at_best.items()}
         scores[arm] = {s: measures(o) for s, o in outs.items()}
         data["chosen"][arm] = _chosen(arm, lr, at_best, scores[arm], base)
         curves[arm] = {s: o.get("curve", {}) for s, o in outs.items()}
@@ -172,14 +178,13 @@ def _sensitivity(out: Path, results: dict[str, dict], data: dict, scores: dict[s
     for arm, b in data["bracket"].items():
         for p in b["seed_pooled"]:
             if p["lr"] != b["chosen"] and p["seeds"] == seeds:
-                runs = {r["spec"]["seed"]: r for r in results.values()
-                        if r["spec"]["arm"] == arm and r["spec"]["lr"] == p["lr"]}  # fmt: skip
-                alts.append((arm, p["lr"], {s: measures(_outputs(r, out)) for s, r in sorted(runs.items())}))
+                runs = _runs_at(results, arm, p["lr"])
+                alts.append((arm, p["lr"], {s: measures(_outputs(r, out)) for s, r in runs.items()}))
+    pairs = [(arm, lr, alt, other) for arm, lr, alt in alts for other in scores]
+    if not pairs:
+        return {}
     table: dict[str, list[dict]] = {}
     for m in SENSITIVITY_MEASURES:
-        pairs = [(arm, lr, alt, other) for arm, lr, alt in alts for other in scores]
-        if not pairs:
-            break
         decided = decide([compare(_by(alt, m), _by(scores[other], m)) for _, _, alt, other in pairs])
         table[m] = [{"arm": arm, "lr": lr, "vs": other, "vs_lr": data["chosen"][other]["lr"], **c}
                     for (arm, lr, _, other), c in zip(pairs, decided)]  # fmt: skip
@@ -195,10 +200,11 @@ def choose_lr(st: dict, results: dict[str, dict], arm: str, design: dict) -> tup
     top = st.get("ranking", [])[: design["top_lrs"]]
     pooled = []
     for lr in top:
-        runs = [r for r in results.values() if r["spec"]["arm"] == arm and r["spec"]["lr"] == lr]
-        pooled.append({"lr": lr, "seeds": sorted(r["spec"]["seed"] for r in runs),
-                       "val_acc": sum(r["val"]["correct"] for r in runs) / sum(r["val"]["n"] for r in runs),
-                       "val_loss": statistics.fmean(r["val"]["loss"] for r in runs)})  # fmt: skip
+        runs = _runs_at(results, arm, lr)
+        pooled.append({"lr": lr, "seeds": list(runs),
+                       "val_acc": sum(r["val"]["correct"] for r in runs.values())
+                                  / sum(r["val"]["n"] for r in runs.values()),
+                       "val_loss": statistics.fmean(r["val"]["loss"] for r in runs.values())})  # fmt: skip
     if pooled and all(p["seeds"] == sorted(design["seeds"]) for p in pooled):
         best = max(pooled, key=lambda p: (p["val_acc"], -p["val_loss"]))
         return best["lr"], pooled, f"val accuracy over seeds {sorted(design['seeds'])} among the top {len(top)}"
